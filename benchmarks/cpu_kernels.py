@@ -1,0 +1,132 @@
+"""Throughput of the native CPU kernels, next to the memory bandwidth measured in the same run.
+
+    python benchmarks/cpu_kernels.py [--threads N] [--types Q4_K,Q8_0,...] [--size-mb 1024]
+
+* bandwidth: the extension's multi-threaded streaming read (and, for comparison, a torch sum)
+  over a buffer of 2 x size-mb;
+* decode (M=1): weight bytes/s over size-mb of weights, cycled through several matrices so no
+  weight stays in the last-level cache, as a fraction of the measured bandwidth;
+* prefill (M=512): GFLOP/s (2*M*N*K per call) on one matrix;
+* fused MoE decode with DeepSeek-V3 widths (hidden 7168, intermediate 2048, top-8), with as
+  many experts as fit in size-mb: expert bytes streamed per second.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from ktransformers import kernels
+from ktransformers.gguf import GGMLType, random_quant_bytes, resolve_type, row_nbytes
+
+HIDDEN, MOE_INTERMEDIATE, TOP_K = 7168, 2048, 8
+FLOAT_TORCH = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+
+
+def best_time(fn, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def random_bytes(ggml_type, rows, cols, rng):
+    if ggml_type in FLOAT_TORCH:
+        return torch.randn(rows, cols).to(FLOAT_TORCH[ggml_type]).view(torch.uint8).reshape(-1).numpy()
+    return random_quant_bytes(ggml_type, (rows, cols), rng, scale=0.02)
+
+
+def filled(ggml_type, total_rows, cols, rng, base_rows=512):
+    """total_rows x cols of valid blocks: one random base tiled (contents do not change speed)."""
+    base = random_bytes(ggml_type, base_rows, cols, rng)
+    reps = -(-total_rows // base_rows)
+    return torch.from_numpy(np.tile(base, reps)[: total_rows * row_nbytes(ggml_type, cols)].copy())
+
+
+def measure_bandwidth(size_mb):
+    buf = torch.ones(size_mb * 2 << 20, dtype=torch.uint8)
+    mod = kernels.require()
+    mod.stream_sum(buf.numpy())  # fault the pages in
+    native = buf.numel() / best_time(lambda: mod.stream_sum(buf.numpy()), 5)
+    as_i64 = buf.view(torch.int64)
+    torch_sum = buf.numel() / best_time(lambda: as_i64.sum(), 3)
+    return native, torch_sum
+
+
+def decode_and_prefill(ggml_type, size_mb, bandwidth, prefill_m, rng):
+    N, K = 4096, HIDDEN
+    matrix_bytes = N * row_nbytes(ggml_type, K)
+    count = max(2, (size_mb << 20) // matrix_bytes)
+    weights = filled(ggml_type, N * count, K, rng).view(count, matrix_bytes)
+    x = torch.randn(1, K)
+
+    def decode_pass():
+        for w in weights:
+            kernels.quant_linear(x, w, ggml_type, N, K)
+
+    decode_pass()
+    t = best_time(decode_pass, 3)
+    decode_bps = weights.numel() / t
+    xs = torch.randn(prefill_m, K)
+    kernels.quant_linear(xs, weights[0], ggml_type, N, K)
+    tp = best_time(lambda: kernels.quant_linear(xs, weights[0], ggml_type, N, K), 2)
+    return decode_bps, decode_bps / bandwidth, 2 * prefill_m * N * K / tp / 1e9, t / count * 1e3
+
+
+def moe_decode(types, size_mb, bandwidth, rng):
+    gate_t, up_t, down_t = types
+    expert_bytes = (MOE_INTERMEDIATE * (row_nbytes(gate_t, HIDDEN) + row_nbytes(up_t, HIDDEN))
+                    + HIDDEN * row_nbytes(down_t, MOE_INTERMEDIATE))
+    n_experts = max(TOP_K, (size_mb << 20) // expert_bytes)
+    gate = filled(gate_t, n_experts * MOE_INTERMEDIATE, HIDDEN, rng)
+    up = filled(up_t, n_experts * MOE_INTERMEDIATE, HIDDEN, rng)
+    down = filled(down_t, n_experts * HIDDEN, MOE_INTERMEDIATE, rng)
+    x = torch.randn(1, HIDDEN)
+    w = torch.full((1, TOP_K), 1.0 / TOP_K)
+    picks = [torch.from_numpy(rng.permutation(n_experts)[:TOP_K]).view(1, TOP_K) for _ in range(16)]
+
+    def calls():
+        for ids in picks:
+            kernels.moe_forward(x, ids, w, gate, gate_t, up, up_t, down, down_t, n_experts, HIDDEN, MOE_INTERMEDIATE)
+
+    calls()
+    t = best_time(calls, 3) / len(picks)
+    bps = TOP_K * expert_bytes / t
+    return t * 1e3, bps, bps / bandwidth, n_experts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: KT_CPU_INFER or physical cores)")
+    parser.add_argument("--types", default=None, help="comma-separated ggml types (default: every supported type)")
+    parser.add_argument("--size-mb", type=int, default=1024, help="weight bytes per decode measurement")
+    parser.add_argument("--prefill-m", type=int, default=512)
+    parser.add_argument("--moe-types", default="Q4_K,Q4_K,Q6_K;Q8_0,Q8_0,Q8_0",
+                        help="gate,up,down types of the fused-MoE lines, ';'-separated")
+    args = parser.parse_args()
+    if args.threads:
+        kernels.set_num_threads(args.threads)
+    features = kernels.cpu_features()
+    types = [resolve_type(t) for t in args.types.split(",")] if args.types else kernels.supported_types()
+    rng = np.random.default_rng()
+
+    native_bw, torch_bw = measure_bandwidth(args.size_mb)
+    print(f"isa {features['isa']}, {features['threads']} threads, weights {args.size_mb} MiB per decode set")
+    print(f"memory read bandwidth: native stream {native_bw / 1e9:.1f} GB/s, torch int64 sum {torch_bw / 1e9:.1f} GB/s")
+    print(f"{'type':<8} {'decode GB/s':>11} {'of bw':>6} {'ms/4096x7168':>13} {'prefill GFLOP/s':>16}")
+    for t in types:
+        bps, frac, gflops, ms = decode_and_prefill(t, args.size_mb, native_bw, args.prefill_m, rng)
+        print(f"{t.name:<8} {bps / 1e9:>11.1f} {frac:>6.0%} {ms:>13.3f} {gflops:>16.1f}", flush=True)
+    for spec in filter(None, args.moe_types.split(";")):
+        moe_t = [resolve_type(t) for t in spec.split(",")]
+        ms, bps, frac, n = moe_decode(moe_t, args.size_mb, native_bw, rng)
+        names = "/".join(t.name for t in moe_t)
+        print(f"fused MoE decode {names} (top-{TOP_K} of {n} experts, 7168x2048): {ms:.2f} ms/token, "
+              f"{bps / 1e9:.1f} GB/s = {frac:.0%} of bw", flush=True)
+
+
+if __name__ == "__main__":
+    main()

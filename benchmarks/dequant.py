@@ -1,0 +1,90 @@
+"""Throughput of ktransformers.gguf.dequant per ggml type, next to the machine's memory-copy bandwidth.
+
+    python benchmarks/dequant.py [--mb 32] [--repeats 3] [--types Q4_K,IQ2_XXS] [--numpy]
+
+Each type decodes a tensor of about --mb MB of float32 output; the best of --repeats runs is shown
+as MB/s of quantized input read and of float32 output written. --numpy adds the gguf package's
+numpy decoder on a 1/8-size tensor for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+from ktransformers.gguf.dequant import SUPPORTED_TYPES, dequantize_rows
+from ktransformers.gguf.ggml_types import block_info, resolve_type
+from ktransformers.gguf.random_blocks import scale_fields, write_scale
+
+MB = 1e6
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()  # warm up: grids, caches, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """GB/s of bytes moved (read + written) by a torch clone of 256 MB."""
+    src = torch.ones(64 << 20, dtype=torch.float32)
+    seconds = best_seconds(src.clone, repeats)
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def sample_blocks(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
+    """Random bytes with sane fp16 scales (decode speed does not depend on the values)."""
+    elements, block_bytes = block_info(qtype)
+    if elements == 1:
+        values = rng.standard_normal(n_rows * n_cols, dtype=np.float32)
+        return torch.from_numpy(values).to(torch.bfloat16 if qtype.name == "BF16" else
+                                           {"F32": torch.float32, "F16": torch.float16}[qtype.name]).view(torch.uint8).numpy()
+    blocks = rng.integers(0, 256, size=(n_rows * n_cols // elements, block_bytes), dtype=np.uint8)
+    for name in scale_fields(qtype):
+        write_scale(blocks, qtype, name, rng.uniform(1e-4, 1e-3, blocks.shape[0]))
+    return blocks.reshape(-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=32, help="float32 output size per type, MB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--types", default=",".join(t.name for t in SUPPORTED_TYPES))
+    parser.add_argument("--numpy", action="store_true", help="also time gguf's numpy decoder (1/8 size)")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    n_cols = 7168  # DeepSeek-V3 hidden size; a multiple of every block size
+    n_rows = max(1, int(args.mb * MB / 4 / n_cols))
+    bandwidth = copy_bandwidth(args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; output {n_rows}x{n_cols} float32 "
+          f"({n_rows * n_cols * 4 / MB:.0f} MB)")
+    print(f"memory copy bandwidth (torch clone of 256 MB, read+write): {bandwidth:.2f} GB/s\n")
+    header = f"{'type':8s} {'in MB/s':>9s} {'out MB/s':>9s} {'% of copy':>9s} {'ms':>8s}"
+    print(header + (f" {'gguf numpy out MB/s':>20s}" if args.numpy else ""))
+    out = torch.empty(n_rows, n_cols)
+    for name in args.types.split(","):
+        qtype = resolve_type(name)
+        raw = torch.from_numpy(sample_blocks(qtype, n_rows, n_cols, rng))
+        seconds = best_seconds(lambda: dequantize_rows(raw, qtype, n_rows, n_cols, out=out), args.repeats)
+        moved = raw.numel() + out.numel() * 4  # bytes read + written, comparable to the copy figure
+        line = (f"{qtype.name:8s} {raw.numel() / seconds / MB:9.0f} {out.numel() * 4 / seconds / MB:9.0f} "
+                f"{100 * moved / seconds / 1e9 / bandwidth:8.0f}% {seconds * 1e3:8.1f}")
+        if args.numpy:
+            rows = max(1, n_rows // 8)
+            small = raw[: raw.numel() * rows // n_rows].numpy().reshape(rows, -1)
+            np_seconds = best_seconds(lambda: gguf_dequantize(small, qtype), 1)
+            line += f" {rows * n_cols * 4 / np_seconds / MB:20.0f}"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Serve a DeepSeek-V3/R1 GGUF over an OpenAI- and Ollama-compatible streaming API.
+
+    python chat_openai.py --model_path DIR --gguf_path PATH [--port 10002] [--api_key KEY]
+    python chat_openai.py --demo          # a tiny random model, built once, to see it all work
+
+Point clients at http://HOST:PORT/v1 (OpenAI) or http://HOST:PORT (Ollama).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import gguf
+
+from ktransformers.gguf import open_gguf
+from ktransformers.server.app import create_app
+from ktransformers.server.engine import Engine
+from ktransformers.server.settings import REASONING_FORMATS, ServerSettings
+from ktransformers.server.wsgi import create_server
+
+log = logging.getLogger("ktransformers.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", help="directory with config.json and tokenizer files (optional: GGUF metadata otherwise)")
+    p.add_argument("--gguf_path", help=".gguf file, one part of a split set, or their directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for the LAN)")
+    p.add_argument("--port", type=int, default=10002)
+    p.add_argument("--model_name", help="name clients use (default: the model directory or GGUF name)")
+    p.add_argument("--api_key", default=os.environ.get("KTRANSFORMERS_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default $KTRANSFORMERS_API_KEY; none = open)")
+    p.add_argument("--max_context", type=int, default=4096, help="KV cache length in tokens")
+    p.add_argument("--max_new_tokens", type=int, default=1000, help="tokens per reply when the request names none")
+    p.add_argument("--force_think", action="store_true", help="start every chat answer inside <think>")
+    p.add_argument("--reasoning_format", choices=REASONING_FORMATS, default="deepseek",
+                   help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>")
+    p.add_argument("--optimize_config_path", help="placement rules YAML")
+    p.add_argument("--cpu_infer", type=int, help="CPU threads for the routed experts")
+    p.add_argument("--queue_size", type=int, default=8, help="requests that may wait; more get 503")
+    p.add_argument("--demo", action="store_true", help="serve a tiny random model (built once into the cache)")
+    args = p.parse_args(argv)
+    if not args.demo and not args.gguf_path:
+        p.error("--gguf_path is required (or use --demo to try the server with a tiny model)")
+    if args.queue_size < 1:
+        p.error("--queue_size must be >= 1")
+    return args
+
+
+def demo_model_dir() -> Path:
+    """The tiny demo model, built on first use into $KTRANSFORMERS_CACHE/demo (or ~/.cache/ktransformers/demo)."""
+    from ktransformers.tools.make_tiny_model import make_tiny_model
+
+    cache = Path(os.environ.get("KTRANSFORMERS_CACHE") or Path.home() / ".cache" / "ktransformers")
+    target = cache / "demo"
+    if not (target / "model.gguf").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"Building the demo model into {target} (once) ...", flush=True)
+        staging = Path(tempfile.mkdtemp(prefix="demo-", dir=cache))   # never leave a half-built cache
+        make_tiny_model(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def describe_gguf(gguf_path: str) -> dict:
+    """Size, parameter count label and quantization of the GGUF, for /api/tags and /api/show."""
+    model = open_gguf(gguf_path)
+    meta = model.metadata
+    file_type = meta.get("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else ""
+    except ValueError:
+        quant = str(file_type)
+    return {"model_size_bytes": sum(f.stat().st_size for f in model.files),
+            "parameter_size": str(meta.get("general.size_label", "")),
+            "quantization_level": quant, "model_family": model.architecture}
+
+
+def default_model_name(model_path: str | None, gguf_path: str) -> str:
+    if model_path:
+        return Path(model_path).resolve().name
+    path = Path(gguf_path).resolve()
+    name = path.name if path.is_dir() else path.name.split("-0000")[0].removesuffix(".gguf")
+    return name or "ktransformers"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.demo:
+        demo = demo_model_dir()
+        args.model_path, args.gguf_path = str(demo), str(demo / "model.gguf")
+        args.model_name = args.model_name or "ktransformers-demo"
+        trained_context = json.loads((demo / "config.json").read_text())["max_position_embeddings"]
+        args.max_context = min(args.max_context, trained_context)
+
+    from ktransformers.models.loader import load_model          # heavy imports after argument errors
+    from ktransformers.server.model_backend import model_generate_fn
+
+    loaded = load_model(args.gguf_path, model_path=args.model_path, optimize_config_path=args.optimize_config_path,
+                        max_context=args.max_context, cpu_infer=args.cpu_infer)
+    settings = ServerSettings(
+        model_name=args.model_name or default_model_name(args.model_path, args.gguf_path),
+        api_key=args.api_key, max_new_tokens=args.max_new_tokens, max_context=int(loaded.model.max_context),
+        reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
+        **describe_gguf(args.gguf_path))
+    engine = Engine(model_generate_fn(loaded), queue_size=args.queue_size)
+    server = create_server(create_app(engine, settings), args.host, args.port, args.queue_size)
+    base = f"http://{args.host}:{server.effective_port}"
+    print(f"Serving '{settings.model_name}' - OpenAI base URL: {base}/v1   Ollama URL: {base}"
+          f"{'   (API key required)' if settings.api_key else ''}", flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.stop()
+
+
+if __name__ == "__main__":
+    main()

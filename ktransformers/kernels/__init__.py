@@ -1,0 +1,173 @@
+"""Native CPU kernels for GGUF-quantized weights (the `cpu_quant` backend's engine).
+
+The C++ extension `_cpu` (built by setup.py from csrc/) holds one dot kernel per ggml type and
+ISA, a persistent thread pool, a tiled quantized linear and a fused routed-experts forward.
+Everything here takes CPU float32 torch tensors and raw uint8 weight tensors (zero-copy views of
+the GGUF memory map) and returns float32 CPU tensors.
+
+Thread count: `set_num_threads(n)`, else the env var KT_CPU_INFER, else the physical core count.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ktransformers.gguf.ggml_types import GGMLType, resolve_type, row_nbytes
+
+try:
+    from ktransformers.kernels import _cpu
+except ImportError as error:  # not built: callers get a clear message from require()
+    _cpu = None
+    _import_error = f"the native extension ktransformers.kernels._cpu is not built ({error}); run `python setup.py build_ext --inplace`"
+else:
+    _import_error = None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernels cannot run here, or None when they can."""
+    if _cpu is None:
+        return _import_error
+    if not _cpu.isa():
+        return "this CPU lacks AVX2/FMA, which the native cpu_quant kernels need"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def require():
+    """The extension module, or RuntimeError saying why it cannot be used."""
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(f"cpu_quant kernels unavailable: {reason}")
+    return _cpu
+
+
+def _default_threads() -> int:
+    env = os.environ.get("KT_CPU_INFER")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise ValueError(f"KT_CPU_INFER must be a positive integer, got {env!r}") from None
+        if n < 1:
+            raise ValueError(f"KT_CPU_INFER must be a positive integer, got {env!r}")
+        return n
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def set_num_threads(n: int) -> None:
+    """Resize the kernel thread pool (do not call while kernels run on other threads)."""
+    require().set_num_threads(int(n))
+
+
+def num_threads() -> int:
+    return require().num_threads()
+
+
+def cpu_features() -> dict:
+    """What the kernels will use on this machine."""
+    if _cpu is None:
+        return {"available": False, "reason": _import_error}
+    return {
+        "available": available(),
+        "reason": unavailable_reason(),
+        "isa": _cpu.isa(),
+        "available_isas": list(_cpu.available_isas()),
+        "threads": _cpu.num_threads() if _cpu.isa() else 0,
+    }
+
+
+_supported: tuple[GGMLType, ...] | None = None
+
+
+def supported_types() -> list[GGMLType]:
+    """ggml types with a native kernel (the same for every ISA; empty when unavailable)."""
+    global _supported
+    if not available():
+        return []
+    if _supported is None:
+        _supported = tuple(GGMLType(t) for t in _cpu.supported_types())
+    return list(_supported)
+
+
+def _check_weight(name: str, raw: torch.Tensor, ggml_type: GGMLType, rows: int, cols: int) -> int:
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.device.type != "cpu":
+        raise ValueError(f"{name}: expected a CPU uint8 tensor of raw GGUF blocks, got {type(raw).__name__} "
+                         f"{getattr(raw, 'dtype', '')} {getattr(raw, 'device', '')}")
+    if ggml_type not in (_supported or supported_types()):
+        raise ValueError(f"{name}: ggml type {ggml_type.name} has no native kernel; supported: "
+                         f"{[t.name for t in supported_types()]}")
+    row_bytes = row_nbytes(ggml_type, cols)
+    if raw.numel() != rows * row_bytes:
+        raise ValueError(f"{name}: {raw.numel()} bytes, but {rows} rows of {cols} {ggml_type.name} elements "
+                         f"need {rows * row_bytes}")
+    if not raw.is_contiguous():
+        raise ValueError(f"{name}: raw weight bytes must be contiguous")
+    return row_bytes
+
+
+def _float_input(name: str, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(x.shape)}")
+    return x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def quant_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, out_features: int, in_features: int) -> torch.Tensor:
+    """x float32 [M, in_features] @ dequant(weight)[out_features, in_features]^T -> float32 [M, out_features]."""
+    mod = require()
+    ggml_type = resolve_type(ggml_type)
+    row_bytes = _check_weight("weight", weight_raw, ggml_type, out_features, in_features)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, {in_features}], got shape {tuple(x.shape)}")
+    x = _float_input("x", x, (x.shape[0], in_features))
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    mod.quant_linear(x.numpy(), x.shape[0], weight_raw.numpy(), int(ggml_type), out_features, in_features,
+                     row_bytes, out.numpy())
+    return out
+
+
+def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                gate_raw: torch.Tensor, gate_type, up_raw: torch.Tensor, up_type,
+                down_raw: torch.Tensor, down_type, n_experts: int, hidden: int, intermediate: int) -> torch.Tensor:
+    """Routed experts: out[t] = sum_j w[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,j].
+
+    gate/up are the raw [n_experts, intermediate, hidden] stacks, down the [n_experts, hidden, intermediate] one.
+    """
+    mod = require()
+    types = [resolve_type(t) for t in (gate_type, up_type, down_type)]
+    gate_rb = _check_weight("gate", gate_raw, types[0], n_experts * intermediate, hidden)
+    up_rb = _check_weight("up", up_raw, types[1], n_experts * intermediate, hidden)
+    down_rb = _check_weight("down", down_raw, types[2], n_experts * hidden, intermediate)
+    if x.dim() != 2 or topk_ids.dim() != 2:
+        raise ValueError(f"x must be [T, {hidden}] and topk_ids [T, k]; got {tuple(x.shape)} and {tuple(topk_ids.shape)}")
+    T, k = topk_ids.shape
+    x = _float_input("x", x, (T, hidden))
+    ids = topk_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    weights = _float_input("topk_weights", topk_weights, (T, k))
+    out = torch.empty(T, hidden, dtype=torch.float32)
+    mod.moe_forward(x.numpy(), T, hidden, ids.numpy(), weights.numpy(), k,
+                    gate_raw.numpy(), int(types[0]), gate_rb, up_raw.numpy(), int(types[1]), up_rb,
+                    down_raw.numpy(), int(types[2]), down_rb, n_experts, intermediate, out.numpy())
+    return out
+
+
+def _init():
+    if not available():
+        return
+    _cpu.set_num_threads(_default_threads())
+    if _cpu.has_iq_tables:
+        from ktransformers.kernels import iq_tables
+
+        iq_tables.init(_cpu)
+
+
+_init()

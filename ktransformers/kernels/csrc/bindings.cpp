@@ -1,0 +1,151 @@
+// pybind11 module ktransformers.kernels._cpu. Arguments arrive as Python buffers (numpy views of
+// torch tensors, zero-copy); every size and type is checked here so bad input raises ValueError
+// instead of reading out of bounds. Compute releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "ops.h"
+#include "q8_row.h"
+#include "thread_pool.h"
+#if __has_include("iq_tables.h")
+#include "iq_tables.h"
+#define KT_HAVE_IQ_TABLES 1
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+// Buffer format codes accepted for T ('l' and 'q' are both int64 on LP64 Linux).
+template <typename T>
+bool format_matches(std::string f) {
+    if (!f.empty() && (f[0] == '<' || f[0] == '=' || f[0] == '@')) f.erase(0, 1);
+    if (std::is_same_v<T, int64_t>) return f == "q" || f == "l";
+    return f == py::format_descriptor<T>::format();
+}
+
+template <typename T>
+T* buffer_ptr(const py::buffer& b, const char* name, int64_t min_elements, bool writable = false) {
+    const py::buffer_info info = b.request(writable);
+    if (info.itemsize != sizeof(T) || !format_matches<T>(info.format))
+        throw py::value_error(std::string(name) + ": expected " + py::format_descriptor<T>::format() +
+                              " elements, got format '" + info.format + "'");
+    py::ssize_t expected_stride = info.itemsize;
+    for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+        if (info.shape[d] > 1 && info.strides[d] != expected_stride)
+            throw py::value_error(std::string(name) + ": must be C-contiguous");
+        expected_stride *= info.shape[d];
+    }
+    if (info.size < min_elements)
+        throw py::value_error(std::string(name) + ": has " + std::to_string(info.size) + " elements, needs " +
+                              std::to_string(min_elements));
+    return static_cast<T*>(info.ptr);
+}
+
+const kt::KernelSet& kernels_or_throw() {
+    const kt::KernelSet* k = kt::active_kernels();
+    if (!k) throw std::runtime_error("this CPU lacks AVX2/FMA: the native cpu_quant kernels cannot run");
+    return *k;
+}
+
+kt::QuantMatrix matrix(const py::buffer& raw, const char* name, int type, int64_t rows, int64_t cols, int64_t row_bytes) {
+    kernels_or_throw();
+    if (!kt::has_kernel(type))
+        throw py::value_error(std::string(name) + ": no native kernel for ggml type " + std::to_string(type));
+    if (rows <= 0 || cols <= 0 || row_bytes <= 0) throw py::value_error(std::string(name) + ": empty matrix");
+    if (!kt::is_float_type(type) && cols % 32)
+        throw py::value_error(std::string(name) + ": quantized rows need a multiple of 32 elements, got " + std::to_string(cols));
+    return {buffer_ptr<uint8_t>(raw, name, rows * row_bytes), type, rows, cols, row_bytes};
+}
+
+void quant_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t N, int64_t K, int64_t row_bytes, py::buffer out) {
+    const kt::QuantMatrix wm = matrix(w, "weight", type, N, K, row_bytes);
+    const float* xp = buffer_ptr<float>(x, "x", M * K);
+    float* op = buffer_ptr<float>(out, "out", M * N, true);
+    if (M <= 0) return;
+    py::gil_scoped_release release;
+    kt::quant_linear(xp, M, wm, op);
+}
+
+void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer weights, int64_t k, py::buffer gate,
+                 int gate_type, int64_t gate_row_bytes, py::buffer up, int up_type, int64_t up_row_bytes, py::buffer down,
+                 int down_type, int64_t down_row_bytes, int64_t n_experts, int64_t I, py::buffer out) {
+    const kt::QuantMatrix g = matrix(gate, "gate", gate_type, n_experts * I, H, gate_row_bytes);
+    const kt::QuantMatrix u = matrix(up, "up", up_type, n_experts * I, H, up_row_bytes);
+    const kt::QuantMatrix d = matrix(down, "down", down_type, n_experts * H, I, down_row_bytes);
+    const float* xp = buffer_ptr<float>(x, "x", T * H);
+    const int64_t* idp = buffer_ptr<int64_t>(ids, "topk_ids", T * k);
+    const float* wp = buffer_ptr<float>(weights, "topk_weights", T * k);
+    float* op = buffer_ptr<float>(out, "out", T * H, true);
+    for (int64_t p = 0; p < T * k; ++p)
+        if (idp[p] < 0 || idp[p] >= n_experts)
+            throw py::value_error("topk_ids: expert id " + std::to_string(idp[p]) + " at position " + std::to_string(p) +
+                                  " is outside [0, " + std::to_string(n_experts) + ")");
+    if (T <= 0) return;
+    py::gil_scoped_release release;
+    kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
+}
+
+// The Q8Row of one float row (q, d, sum), for tests that rebuild the exact int8 reference.
+py::tuple quantize_q8(py::buffer x, int64_t n) {
+    if (n <= 0 || n % 32) throw py::value_error("quantize_q8: n must be a positive multiple of 32");
+    const float* xp = buffer_ptr<float>(x, "x", n);
+    kt::Q8Rows rows(1, n);
+    rows.quantize(0, xp);
+    const kt::Q8Row r = rows.row(0);
+    return py::make_tuple(py::bytes(reinterpret_cast<const char*>(r.q), n),
+                          std::vector<float>(r.d, r.d + n / 32), std::vector<int32_t>(r.sum, r.sum + n / 32));
+}
+
+std::vector<int> supported_types() {
+    std::vector<int> types;
+    for (int t = 0; t < kt::kMaxGGMLType; ++t)
+        if (kt::has_kernel(t)) types.push_back(t);
+    return types;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "Native CPU kernels for GGUF-quantized linears and routed experts";
+    m.def("quant_linear", &quant_linear, "out[M,N] = x[M,K] @ dequant(W)[N,K]^T");
+    m.def("moe_forward", &moe_forward, "fused routed experts");
+    m.def("quantize_q8", &quantize_q8, "one float row -> (int8 bytes, block scales, block sums)");
+    m.def("supported_types", &supported_types, "ggml type ids with a kernel in the active ISA");
+    m.def("isa", [] { const kt::KernelSet* k = kt::active_kernels(); return std::string(k ? k->isa : ""); });
+    m.def("available_isas", [] {
+        int n = 0;
+        const char* const* names = kt::available_isas(&n);
+        return std::vector<std::string>(names, names + n);
+    });
+    m.def("select_isa", [](const std::string& name) {
+        if (!kt::select_isa(name.c_str())) throw py::value_error("ISA '" + name + "' is not available on this CPU");
+    });
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw py::value_error("set_num_threads: need at least 1 thread, got " + std::to_string(n));
+        py::gil_scoped_release release;
+        kt::set_num_threads(n);
+    });
+    m.def("num_threads", &kt::num_threads);
+    m.def("stream_sum", [](py::buffer b) {
+        const py::buffer_info info = b.request();
+        const uint8_t* p = buffer_ptr<uint8_t>(b, "data", 0);
+        kernels_or_throw();
+        py::gil_scoped_release release;
+        return kt::stream_sum(p, size_t(info.size));
+    }, "sum of all bytes, read by every pool thread (memory bandwidth probe)");
+#ifdef KT_HAVE_IQ_TABLES
+    m.def("init_iq_table", [](const std::string& name, py::bytes data) {
+        const std::string s = data;
+        kt_init_iq_tables(name, reinterpret_cast<const uint8_t*>(s.data()), s.size());
+    }, "install one IQ codebook/sign table taken from the gguf package");
+    m.attr("has_iq_tables") = true;
+#else
+    m.attr("has_iq_tables") = false;
+#endif
+}

@@ -1,0 +1,34 @@
+// The native kernel ABI shared by every per-type dot kernel (see docs/DEVELOPING.md and
+// ktransformers/kernels/__init__.py).
+//
+// Rules for kernel files (dot_<type>.inc):
+//  * They are #included INSIDE `namespace kt::avx2 { ... }` (kernels_avx2.cpp) and
+//    `namespace kt::vnni { ... }` (kernels_vnni.cpp), so one source yields one function per ISA.
+//    They must not #include system headers or iq_tables.h themselves: the ISA files include
+//    <immintrin.h>, <cstdint>, <cstring>, <cmath>, simd.h, dot.h and (when present) iq_tables.h
+//    at global scope before opening the namespace.
+//  * Each kernel is a `RowDot`: one weight row of raw GGUF blocks (n elements, n a multiple of
+//    the type's block size) times one activation row quantized to Q8Row.
+//  * Kernels register themselves in `RowDot table[kMaxGGMLType]` at the type's ggml id
+//    (gguf.GGMLQuantizationType values). Low-bit kernels do it in register_lowbit(table).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace kt {
+
+// One activation row quantized to int8 in blocks of 32: x[i] ~= d[i/32] * q[i]; sum[b] = sum of
+// q in block b. Guarantees: |q| <= 127 (never -128), d >= 0 (d == 0 for an all-zero block),
+// q/d/sum are 64-byte aligned and hold n/32 blocks (n is always a multiple of 256 or of 32).
+struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; };
+
+// Dot product of one weight row (raw GGUF blocks of one ggml type, n elements) with a quantized
+// activation row.
+using RowDot = float (*)(const uint8_t* w, const Q8Row& x, int64_t n);
+
+// Float weights (F32/F16/BF16) take float activations: no activation quantization error.
+using FloatRowDot = float (*)(const uint8_t* w, const float* x, int64_t n);
+
+constexpr int kMaxGGMLType = 40;
+
+}  // namespace kt

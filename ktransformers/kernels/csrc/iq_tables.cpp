@@ -1,0 +1,73 @@
+// Storage for the IQ codebooks (see iq_tables.h): filled at run time from the gguf package.
+#include "iq_tables.h"
+
+#include <cstring>
+#include <stdexcept>
+
+namespace kt::iq {
+
+alignas(64) uint64_t iq1s_grid[2048];
+alignas(64) uint64_t iq2xxs_grid[256];
+alignas(64) uint64_t iq2xs_grid[512];
+alignas(64) uint32_t iq3xxs_grid[256];
+alignas(64) uint64_t sign_pm1[128];
+alignas(16) int8_t iq4nl_values[16];
+
+const TableSpec kTableSpecs[6] = {
+    {"iq1s_grid", sizeof iq1s_grid},     {"iq2xxs_grid", sizeof iq2xxs_grid},
+    {"iq2xs_grid", sizeof iq2xs_grid},   {"iq3xxs_grid", sizeof iq3xxs_grid},
+    {"ksigns", 128},                      {"iq4nl_values", sizeof iq4nl_values},
+};
+
+namespace {
+
+bool g_loaded[6] = {};
+
+// One ksigns byte -> 8 int8 of +1 (bit clear) or -1 (bit set), element i from bit i.
+uint64_t expand_signs(uint8_t bits) {
+    uint64_t out = 0;
+    for (int i = 0; i < 8; ++i) {
+        const uint64_t byte = (bits >> i) & 1 ? 0xFF : 0x01;
+        out |= byte << (8 * i);
+    }
+    return out;
+}
+
+void* destination(int index) {
+    switch (index) {
+        case 0: return iq1s_grid;
+        case 1: return iq2xxs_grid;
+        case 2: return iq2xs_grid;
+        case 3: return iq3xxs_grid;
+        case 5: return iq4nl_values;
+        default: return nullptr;  // ksigns is stored in its expanded form
+    }
+}
+
+}  // namespace
+}  // namespace kt::iq
+
+void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbytes) {
+    using namespace kt::iq;
+    for (int i = 0; i < 6; ++i) {
+        if (name != kTableSpecs[i].name) continue;
+        if (nbytes != kTableSpecs[i].nbytes)
+            throw std::invalid_argument("IQ table '" + name + "': expected " +
+                                        std::to_string(kTableSpecs[i].nbytes) + " bytes, got " +
+                                        std::to_string(nbytes));
+        if (void* dst = destination(i)) {
+            std::memcpy(dst, data, nbytes);
+        } else {
+            for (int s = 0; s < 128; ++s) sign_pm1[s] = expand_signs(data[s]);
+        }
+        g_loaded[i] = true;
+        return;
+    }
+    throw std::invalid_argument("IQ table '" + name + "': unknown table name");
+}
+
+bool kt_iq_tables_ready() {
+    for (bool loaded : kt::iq::g_loaded)
+        if (!loaded) return false;
+    return true;
+}

@@ -1,0 +1,24 @@
+// The per-ISA kernel tables and the runtime choice between them.
+#pragma once
+#include "dot.h"
+
+namespace kt {
+
+struct KernelSet {
+    const char* isa = nullptr;
+    RowDot dot[kMaxGGMLType] = {};            // quantized weights x Q8Row activations
+    FloatRowDot float_dot[kMaxGGMLType] = {};  // F32/F16/BF16 weights x float activations
+    double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;
+};
+
+namespace avx2 { void fill_kernels(KernelSet& k); }
+namespace vnni { void fill_kernels(KernelSet& k); }
+
+// The best table this CPU supports (AVX512-VNNI, else AVX2); nullptr when the CPU lacks AVX2.
+const KernelSet* active_kernels();
+// Names of the tables this CPU can run, best first.
+const char* const* available_isas(int* count);
+// Switch to a named table ("vnni" or "avx2"); returns false if the CPU cannot run it.
+bool select_isa(const char* name);
+
+}  // namespace kt

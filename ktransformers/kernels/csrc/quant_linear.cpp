@@ -1,0 +1,71 @@
+// Quantized linear: activations are quantized once per row, then the work is cut into
+// (row chunk, token tile) items. Row chunks are the outer index so threads running at the same
+// time share weight rows in cache, and each weight row is read once per tile of tokens.
+#include <algorithm>
+#include <stdexcept>
+
+#include "kernels.h"
+#include "ops.h"
+#include "q8_row.h"
+#include "thread_pool.h"
+
+namespace kt {
+
+bool is_float_type(int t) { return t == 0 || t == 1 || t == 30; }
+
+bool has_kernel(int t) {
+    const KernelSet* k = active_kernels();
+    return k && t >= 0 && t < kMaxGGMLType && (k->dot[t] || k->float_dot[t]);
+}
+
+namespace {
+
+constexpr int64_t kTokenTile = 32;  // 32 activation rows of 7168 int8 stay in L2 with the weights
+
+// Rows per item: enough items to balance the pool, few enough to amortise the hand-out.
+int64_t rows_per_item(int64_t rows, int64_t tiles) {
+    const int64_t wanted_items = int64_t(pool().size()) * 8;
+    return std::clamp<int64_t>(rows * tiles / wanted_items, 1, 64);
+}
+
+}  // namespace
+
+void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) {
+    const KernelSet* k = active_kernels();
+    const int64_t N = w.rows, K = w.cols;
+    const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
+    const int64_t chunk = rows_per_item(N, tiles);
+    const int64_t chunks = (N + chunk - 1) / chunk;
+    auto for_each_item = [&](auto&& dot_row) {
+        pool().run(chunks * tiles, [&](int64_t item) {
+            const int64_t r0 = item / tiles * chunk, r1 = std::min(N, r0 + chunk);
+            const int64_t t0 = item % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
+            for (int64_t r = r0; r < r1; ++r)
+                for (int64_t t = t0; t < t1; ++t) out[t * N + r] = dot_row(w.row(r), t);
+        });
+    };
+    if (is_float_type(w.ggml_type)) {
+        const FloatRowDot dot = k->float_dot[w.ggml_type];
+        for_each_item([&](const uint8_t* row, int64_t t) { return dot(row, x + t * K, K); });
+    } else {
+        const RowDot dot = k->dot[w.ggml_type];
+        const Q8Rows xq = quantize_rows(x, M, K);
+        for_each_item([&](const uint8_t* row, int64_t t) { return dot(row, xq.row(t), K); });
+    }
+}
+
+double stream_sum(const uint8_t* p, size_t n) {
+    const KernelSet* k = active_kernels();
+    const int64_t parts = int64_t(pool().size()) * 4;
+    const size_t part = (n / parts + 4095) / 4096 * 4096;
+    std::vector<double> sums(parts, 0.0);
+    pool().run(parts, [&](int64_t i) {
+        const size_t begin = std::min(n, size_t(i) * part), end = std::min(n, begin + part);
+        sums[i] = k->stream_sum(p + begin, end - begin);
+    });
+    double s = 0.0;
+    for (double v : sums) s += v;
+    return s;
+}
+
+}  // namespace kt

@@ -1,0 +1,67 @@
+// Small SIMD helpers shared by the per-type kernels. Included by kernels_avx2.cpp (AVX2 build)
+// and kernels_vnni.cpp (after `#define KT_VNNI 1`: AVX512-VNNI on 256-bit vectors), each under
+// its own `#pragma GCC target`, so every helper is static and compiled once per ISA.
+#pragma once
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "dot.h"
+
+// acc + per-32-bit-lane sums of the 4 adjacent products a_u8[i] * b_s8[i].
+// AVX2 path: _mm256_maddubs_epi16 first adds PAIRS of products and saturates them to int16.
+// Exact guarantee: the result is exact whenever |a[2i]*b[2i] + a[2i+1]*b[2i+1]| <= 32767 for
+// every pair, e.g. a <= 128 and |b| <= 127 (2*128*127 = 32512), or a <= 255 and |b| <= 64.
+// The VNNI path (vpdpbusd) has no intermediate saturation.
+static inline __m256i kt_dot_u8s8(__m256i acc, __m256i a_u8, __m256i b_s8) {
+#if defined(KT_VNNI)
+    return _mm256_dpbusd_epi32(acc, a_u8, b_s8);
+#else
+    const __m256i pairs = _mm256_maddubs_epi16(a_u8, b_s8);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
+// acc + per-32-bit-lane sums of 4 adjacent signed products a_s8[i] * b_s8[i], by the sign trick
+// (|a| times b carrying a's sign). a may be any int8 including -128 (|a| = 128 read as u8);
+// b must satisfy |b| <= 127 (true for Q8Row activations), which keeps every pair sum within
+// 2*128*127 = 32512 < 32768, so the AVX2 path is exact too. Pass the weight as a and the
+// activation as b.
+static inline __m256i kt_dot_s8s8(__m256i acc, __m256i a_s8, __m256i b_s8) {
+    return kt_dot_u8s8(acc, _mm256_sign_epi8(a_s8, a_s8), _mm256_sign_epi8(b_s8, a_s8));
+}
+
+static inline float kt_hsum_f32(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline int32_t kt_hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float kt_fp16_to_fp32(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float kt_bf16_to_fp32(uint16_t h) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// 8 fp16 values -> 8 floats.
+static inline __m256 kt_load_fp16x8(const void* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+
+// Low 4 bits of 32 bytes (and the high 4 bits) as 32 bytes each, for the packed 4-bit formats.
+static inline __m256i kt_low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+static inline __m256i kt_high_nibbles(__m256i v) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+}

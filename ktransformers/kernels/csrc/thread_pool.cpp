@@ -1,0 +1,105 @@
+#include "thread_pool.h"
+
+#include <chrono>
+#include <memory>
+
+namespace kt {
+namespace {
+
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() { __builtin_ia32_pause(); }
+
+std::mutex pool_mutex;
+std::unique_ptr<ThreadPool> the_pool;
+int requested_threads = 0;
+
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads) {
+    for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+    std::lock_guard<std::mutex> serial(run_mutex_);  // let a running call finish first
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+        generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::drain() {
+    for (int64_t i; (i = next_item_.fetch_add(1, std::memory_order_relaxed)) < n_items_;) (*task_)(i);
+}
+
+void ThreadPool::run(int64_t n_items, const std::function<void(int64_t)>& task) {
+    if (n_items <= 0) return;
+    std::lock_guard<std::mutex> serial(run_mutex_);
+    if (workers_.empty() || n_items == 1) {
+        for (int64_t i = 0; i < n_items; ++i) task(i);
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        task_ = &task;
+        n_items_ = n_items;
+        next_item_.store(0);
+        busy_.store(int(workers_.size()));
+        generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    drain();
+    // Wait for the workers still finishing their last item.
+    const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+    while (busy_.load(std::memory_order_acquire) != 0) {
+        if (std::chrono::steady_clock::now() < spin_until) {
+            cpu_relax();
+            continue;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [this] { return busy_.load() == 0; });
+    }
+}
+
+void ThreadPool::worker_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+        // Spin a little for the next call, then sleep until woken.
+        const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+        while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
+            cpu_relax();
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            wake_.wait(lock, [&] { return generation_.load() != seen; });
+            seen = generation_.load();
+            if (stop_) return;
+        }
+        drain();
+        if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lock(mutex_);
+            done_.notify_all();
+        }
+    }
+}
+
+ThreadPool& pool() {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    if (!the_pool) {
+        const int n = requested_threads > 0 ? requested_threads : int(std::thread::hardware_concurrency());
+        the_pool = std::make_unique<ThreadPool>(n > 0 ? n : 1);
+    }
+    return *the_pool;
+}
+
+void set_num_threads(int n) {
+    std::lock_guard<std::mutex> lock(pool_mutex);
+    requested_threads = n;
+    the_pool.reset();  // joined here; the next pool() builds one of the new size
+}
+
+int num_threads() { return pool().size(); }
+
+}  // namespace kt

@@ -1,0 +1,83 @@
+"""Small building blocks of the DeepSeek model: placement-aware calls, RMSNorm, embedding, dense MLP."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def run(module: nn.Module, *tensors: torch.Tensor):
+    """Call `module` with its inputs moved to the device/dtype its placement rule gave it.
+
+    The loader stamps every leaf module with `placement` (device, dtype); moving activations here,
+    at module boundaries, is what lets attention sit on cuda while experts run on the CPU.
+    """
+    p = module.placement
+    return module(*(t.to(p.device, p.dtype) for t in tensors))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float, device, dtype):
+        super().__init__()
+        self.register_buffer("weight", weight.to(device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding that keeps the GGUF table where it lies and dequantizes only the looked-up rows."""
+
+    def __init__(self, table, dequantize, device, dtype):
+        super().__init__()
+        self.table, self._dequantize = table, dequantize
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.device, self.dtype = torch.device(device), dtype
+        self._rows = table.raw().view(self.num_embeddings, -1)  # zero-copy: one row of blocks per token
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"token id out of range 0..{self.num_embeddings - 1}: {ids.tolist()}")
+        raw = self._rows[ids.cpu()]
+        rows = self._dequantize(raw, self.table.ggml_type, (ids.numel(), self.embedding_dim))
+        return rows.to(self.device, self.dtype)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.ggml_type.name} rows"
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and shared experts (gate_proj, up_proj, down_proj)."""
+
+    def __init__(self, factory, prefix: str):
+        super().__init__()
+        self.gate_proj = factory.linear(f"{prefix}.gate_proj")
+        self.up_proj = factory.linear(f"{prefix}.up_proj")
+        self.down_proj = factory.linear(f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = run(self.gate_proj, x)
+        up = run(self.up_proj, x).to(gate.device)
+        return run(self.down_proj, F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Routed experts (weighted by the gate, times routed_scaling_factor) plus the shared experts."""
+
+    def __init__(self, cfg, factory, prefix: str):
+        super().__init__()
+        self.gate = factory.gate(f"{prefix}.gate")
+        self.experts = factory.experts(f"{prefix}.experts")
+        self.shared_experts = MLP(factory, f"{prefix}.shared_experts") if cfg.n_shared_experts else None
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = run(self.gate, x)
+        p = self.experts.placement
+        routed = self.experts(x.to(p.device, p.dtype), topk_ids.to(p.device), topk_weights.to(p.device))
+        out = routed.to(x.device, x.dtype) * self.routed_scaling_factor
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x).to(x.device, x.dtype)
+        return out

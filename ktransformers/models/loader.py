@@ -1,0 +1,98 @@
+"""load_model: GGUF file(s) (+ optional Hugging Face config/tokenizer dir) -> a placed, ready DeepSeek model."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+
+from ktransformers.gguf import dequantize, open_gguf
+from ktransformers.optimize.optimize import Rules, default_rules_path
+
+from .config import DeepseekConfig, config_from_gguf, load_hf_config
+from .deepseek_v3 import DeepseekV3ForCausalLM
+from .module_factory import ModuleFactory
+from .tokenizer_from_gguf import tokenizer_from_gguf
+
+log = logging.getLogger(__name__)
+
+# Fields that decide tensor shapes or the layer structure: config.json and GGUF must agree on them.
+STRUCTURAL_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "kv_lora_rank",
+                     "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+                     "n_shared_experts", "first_k_dense_replace", "moe_intermediate_size", "intermediate_size")
+
+
+@dataclass
+class LoadedModel:
+    model: DeepseekV3ForCausalLM
+    tokenizer: object  # a transformers fast tokenizer
+    config: DeepseekConfig
+    generation_config: GenerationConfig
+
+
+def _check_config_matches(cfg: DeepseekConfig, gguf_cfg: DeepseekConfig, config_source: str, gguf_source: str):
+    diffs = [f"{name}: config says {getattr(cfg, name)!r}, GGUF says {getattr(gguf_cfg, name)!r}"
+             for name in STRUCTURAL_FIELDS if getattr(cfg, name) != getattr(gguf_cfg, name)]
+    if diffs:
+        raise ValueError(f"{config_source} does not match {gguf_source}: " + "; ".join(diffs))
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device} is not supported; use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def load_model(gguf_path, model_path=None, optimize_config_path=None, device=None, max_context: int = 4096,
+               cpu_infer: int | None = None) -> LoadedModel:
+    """Load a DeepSeek V2/V3/R1 GGUF.
+
+    model_path: directory with the Hugging Face config.json, tokenizer files and generation_config.json;
+        when None, config, tokenizer and chat template are rebuilt from the GGUF metadata.
+    optimize_config_path: placement rules YAML; default DeepSeek-V3-Chat.yaml with a GPU, else -cpu.yaml.
+    device: the cuda device that rules saying "cuda" mean (default cuda when available, else cpu).
+    cpu_infer: CPU threads for the CPU-side work (torch intra-op threads).
+    """
+    gguf_model = open_gguf(gguf_path)
+    gguf_source = ", ".join(str(f) for f in gguf_model.files)
+    gguf_cfg = config_from_gguf(gguf_model.metadata, gguf_model.tensors.keys(), gguf_source)
+    if model_path is not None:
+        cfg = load_hf_config(model_path)
+        _check_config_matches(cfg, gguf_cfg, str(Path(model_path) / "config.json"), gguf_source)
+    else:
+        cfg = gguf_cfg
+    if max_context > cfg.max_position_embeddings:
+        log.warning("max_context %d exceeds the model's max_position_embeddings %d", max_context,
+                    cfg.max_position_embeddings)
+
+    device = _resolve_device(device)
+    rules_path = optimize_config_path or default_rules_path(device.type == "cuda")
+    rules = Rules.from_file(rules_path, cuda_device=str(device) if device.type == "cuda" else "cuda")
+    if cpu_infer:
+        torch.set_num_threads(int(cpu_infer))
+
+    factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
+    with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
+        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
+    model.eval()
+
+    if model_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        generation_config = _generation_config_from_dir(model_path, cfg)
+    else:
+        tokenizer = tokenizer_from_gguf(gguf_model.metadata, gguf_source)
+        generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    return LoadedModel(model, tokenizer, cfg, generation_config)
+
+
+def _generation_config_from_dir(model_path, cfg: DeepseekConfig) -> GenerationConfig:
+    if (Path(model_path) / "generation_config.json").exists():
+        return GenerationConfig.from_pretrained(model_path)
+    return GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)

@@ -1,0 +1,74 @@
+"""Rotary position embedding for DeepSeek MLA: plain or YaRN-scaled frequencies, interleaved pairs.
+
+DeepSeek checkpoints (and the GGUFs converted from them, which llama.cpp rotates with its
+"normal" adjacent-pair rope) lay each head's rope dims out as pairs (x0, x1), (x2, x3), ...
+each rotated by one frequency. Queries and keys are rotated in that layout and stay in it;
+only their dot products matter, so no de-interleaving copy is needed.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .config import DeepseekConfig, yarn_mscale
+
+
+def yarn_inv_freq(dim: int, base: float, rs: dict) -> torch.Tensor:
+    """YaRN: interpolate low frequencies by `factor`, keep high ones, blend linearly in between."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    extrapolated = 1.0 / base ** exponents
+    interpolated = extrapolated / rs["factor"]
+
+    def correction_dim(rotations):
+        # the dim index whose wavelength completes `rotations` turns over the original context
+        return dim * math.log(rs["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs["beta_fast"]), correction_dim(rs["beta_slow"])
+    if rs["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid dividing by zero in the ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return interpolated * ramp + extrapolated * (1 - ramp)
+
+
+def rope_tables(cfg: DeepseekConfig) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [rope_dim/2], cos/sin magnitude) for the config."""
+    dim, rs = cfg.qk_rope_head_dim, cfg.rope_scaling
+    if rs is None:
+        return 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), 1.0
+    magnitude = rs["attention_factor"]
+    if magnitude is None:
+        if rs["mscale"] and rs["mscale_all_dim"]:
+            magnitude = yarn_mscale(rs["factor"], rs["mscale"]) / yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+        else:
+            magnitude = yarn_mscale(rs["factor"])
+    return yarn_inv_freq(dim, cfg.rope_theta, rs), float(magnitude)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: DeepseekConfig, device=None):
+        super().__init__()
+        inv_freq, self.magnitude = rope_tables(cfg)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.interleaved = cfg.rope_interleave
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [T, rope_dim/2] in float32 for integer positions [T]."""
+        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq
+        return angles.cos() * self.magnitude, angles.sin() * self.magnitude
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, ..., rope_dim] (any head dims in between); computed in float32, returned in x.dtype."""
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+        cos, sin = cos.view(shape), sin.view(shape)
+        xf = x.float()
+        if self.interleaved:
+            even, odd = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        else:  # rotate-half layout: first half pairs with second half
+            first, second = xf.chunk(2, dim=-1)
+            out = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        return out.to(x.dtype)

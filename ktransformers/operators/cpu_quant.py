@@ -1,0 +1,91 @@
+"""The "cpu_quant" backends: linears and routed experts computed by the native CPU kernels
+straight from the raw GGUF blocks (no dequantized copy is ever made).
+
+Inputs may live on any device in any dtype; the kernels run in float32 on the CPU and results
+return in the input's device and dtype. Construction raises RuntimeError naming the reason when
+the kernels cannot run here (extension not built, CPU without AVX2), so callers can fall back to
+the "torch" backend; `available()` asks the same question without raising.
+"""
+
+import torch
+from torch import nn
+
+from ktransformers import kernels
+
+
+def available() -> bool:
+    return kernels.available()
+
+
+def _raw_view(t) -> torch.Tensor:
+    """The tensor's blocks as a uint8 torch view of its memory map (zero-copy)."""
+    if t.ggml_type not in kernels.supported_types():
+        raise ValueError(f"{t.name}: no native kernel for {t.ggml_type.name}; "
+                         f"cpu_quant supports {[x.name for x in kernels.supported_types()]}")
+    return torch.from_numpy(t.data)
+
+
+def _require(name):
+    try:
+        kernels.require()
+    except RuntimeError as error:
+        raise RuntimeError(f"{name}: {error}; use the 'torch' backend for it instead") from None
+
+
+class CpuQuantLinear(nn.Module):
+    """`weight`: QuantTensor (out_features, in_features). forward(x [..., in]) -> [..., out] in x's dtype/device."""
+
+    def __init__(self, weight, bias: torch.Tensor | None, device=None, dtype=None):
+        super().__init__()
+        _require(weight.name)
+        if len(weight.shape) != 2:
+            raise ValueError(f"{weight.name}: a linear weight must be 2-D, got shape {tuple(weight.shape)}")
+        self.name = weight.name
+        self.ggml_type = weight.ggml_type
+        self.out_features, self.in_features = weight.shape
+        self.raw = _raw_view(weight)  # a plain attribute, not a buffer: .to(device) must not move it
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"{weight.name}: bias of shape {tuple(bias.shape)} for {self.out_features} outputs")
+        self.bias = None if bias is None else bias.detach().to("cpu", torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        flat = x.reshape(-1, self.in_features)
+        y = kernels.quant_linear(flat, self.raw, self.ggml_type, self.out_features, self.in_features)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(device=x.device, dtype=x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type.name}"
+
+
+class CpuQuantExperts(nn.Module):
+    """Expert stacks gate/up (E, I, H) and down (E, H, I) as QuantTensors.
+
+    forward(x [T, H], topk_ids int64 [T, k], topk_weights [T, k]) = sum_j w_j * down_e(silu(gate_e x) * up_e x),
+    not multiplied by routed_scaling_factor.
+    """
+
+    def __init__(self, gate, up, down, device=None, dtype=None):
+        super().__init__()
+        _require(gate.name)
+        for t in (gate, up, down):
+            if len(t.shape) != 3:
+                raise ValueError(f"{t.name}: an expert stack must be 3-D (experts, out, in), got {tuple(t.shape)}")
+        self.n_experts, self.intermediate, self.hidden = gate.shape
+        if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (self.n_experts, self.hidden, self.intermediate):
+            raise ValueError(f"{gate.name}/{up.name}/{down.name}: shapes {tuple(gate.shape)}, {tuple(up.shape)}, "
+                             f"{tuple(down.shape)} do not form gate/up (E, I, H) + down (E, H, I)")
+        self.types = (gate.ggml_type, up.ggml_type, down.ggml_type)
+        self.gate_raw, self.up_raw, self.down_raw = (_raw_view(t) for t in (gate, up, down))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        y = kernels.moe_forward(x, topk_ids, topk_weights, self.gate_raw, self.types[0], self.up_raw, self.types[1],
+                                self.down_raw, self.types[2], self.n_experts, self.hidden, self.intermediate)
+        return y.to(device=x.device, dtype=x.dtype)
+
+    def extra_repr(self):
+        return (f"experts={self.n_experts}, hidden={self.hidden}, intermediate={self.intermediate}, "
+                f"types={'/'.join(t.name for t in self.types)}")

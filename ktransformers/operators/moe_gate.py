@@ -1,0 +1,52 @@
+"""MoE router of DeepSeek V2 (softmax; greedy or group-limited greedy) and V3/R1 (sigmoid + bias; noaux_tc)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MoEGate(nn.Module):
+    """Scores experts in float32 and returns (topk_ids int64 [T, k], topk_weights float32 [T, k]).
+
+    The weights are not multiplied by routed_scaling_factor; the MoE block scales the experts' sum.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cfg, device):
+        super().__init__()
+        self.register_buffer("weight", weight.to(device=device, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias",
+                             None if bias is None else bias.to(device=device, dtype=torch.float32))
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method, self.norm_topk_prob = cfg.scoring_func, cfg.topk_method, cfg.norm_topk_prob
+        if self.topk_method == "noaux_tc" and bias is None:
+            raise ValueError("noaux_tc routing needs the e_score_correction_bias tensor (exp_probs_b)")
+
+    def _group_mask(self, choice: torch.Tensor, group_score) -> torch.Tensor:
+        """Boolean [T, E]: experts inside the topk_group best groups."""
+        grouped = choice.view(choice.shape[0], self.n_group, -1)
+        best_groups = group_score(grouped).topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device)
+        keep.scatter_(1, best_groups, True)
+        return keep[:, :, None].expand_as(grouped).reshape_as(choice)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.to(self.weight.device, torch.float32), self.weight)
+        if self.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+
+        if self.topk_method == "noaux_tc":
+            # the bias only steers the choice; the weights come from the unbiased scores
+            choice = scores + self.e_score_correction_bias
+            keep = self._group_mask(choice, lambda g: g.topk(2, dim=-1).values.sum(-1))
+            ids = choice.masked_fill(~keep, float("-inf")).topk(self.top_k, dim=-1).indices
+        elif self.topk_method == "group_limited_greedy":
+            keep = self._group_mask(scores, lambda g: g.max(dim=-1).values)
+            ids = scores.masked_fill(~keep, 0.0).topk(self.top_k, dim=-1).indices
+        else:  # greedy
+            ids = scores.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights

@@ -1,0 +1,150 @@
+"""From a validated request to a running engine job whose first event is known.
+
+Routes call `start_job` before they commit a status code, so a prompt that does not fit,
+bad sampling values or a full queue still become proper HTTP errors.  The returned
+RunningJob iterates the remaining events, cancels the job when closed (client gone) and
+writes the one log line per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+from flask import request
+
+from ktransformers.server.engine import (PING, Engine, EngineStopped, GenerationRequest,
+                                         PromptAccepted, QueueFull, is_finish)
+from ktransformers.server.errors import APIError
+from ktransformers.server.settings import ServerSettings
+from ktransformers.util.events import ContextLengthError
+from ktransformers.util.sampling import SamplingParams
+
+log = logging.getLogger("ktransformers.server")
+
+
+def generation_error(exc: BaseException) -> APIError:
+    """Map what the worker raised to an HTTP error."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ContextLengthError):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, EngineStopped):
+        return APIError(503, str(exc), error_type="server_error")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_value")
+    log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", error_type="server_error")
+
+
+def check_sampling(sampling: dict[str, Any]) -> None:
+    """Reject bad sampling values now, with the field's name, rather than inside the worker."""
+    try:
+        SamplingParams(**sampling)
+    except ValueError as exc:
+        name = str(exc).split("=", 1)[0].removeprefix("SamplingParams.")
+        raise APIError(400, str(exc), param=name, code="invalid_value") from None
+
+
+class RunningJob:
+    def __init__(self, engine: Engine, gen: GenerationRequest, settings: ServerSettings, ping: bool):
+        self.gen = gen
+        self.started = time.monotonic()
+        self.prompt_tokens: int | None = None
+        self.completion_tokens = 0
+        self.finish = None
+        self._route = f"{request.method} {request.path}"
+        try:
+            self._job = engine.submit(gen)
+        except QueueFull as exc:
+            raise APIError(503, f"Server busy: {exc}; retry later", error_type="server_overloaded",
+                           code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except EngineStopped as exc:
+            raise generation_error(exc) from None
+        self._events = self._job.events(ping_s=settings.stream_ping_s if ping else None,
+                                        disconnected=request.environ.get("waitress.client_disconnected"))
+        self._first = None
+        try:
+            self._first = self._next_real_event()
+        except BaseException as exc:
+            self.close()
+            raise generation_error(exc) from None
+        if self._first is None:
+            self.close()
+            raise APIError(503, "the request was cancelled before generation started", error_type="server_error")
+
+    def _next_real_event(self):
+        for event in self._events:
+            if isinstance(event, PromptAccepted):
+                self.prompt_tokens = event.prompt_tokens
+                return event
+            if event is not PING:
+                return event
+        return None
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield TokenEvent, FinishEvent and PING (a chance to keep an idle stream alive)."""
+        if not isinstance(self._first, PromptAccepted):
+            yield self._account(self._first)
+        for event in self._events:
+            if not isinstance(event, PromptAccepted):
+                yield self._account(event)
+
+    def _account(self, event):
+        if is_finish(event):
+            self.finish = event
+            self.prompt_tokens = event.prompt_tokens
+        elif event is not PING and getattr(event, "token_id", None) is not None:
+            self.completion_tokens += 1
+        return event
+
+    def close(self) -> None:
+        """Cancel the job if it still runs (the client left) and log the request once."""
+        if self._job is None:
+            return
+        self._job.cancel()
+        self._job = None
+        self._events.close()
+        wall = time.monotonic() - self.started
+        f = self.finish
+        if f is not None:
+            log.info("%s id=%s prompt_tokens=%d completion_tokens=%d prefill=%.3fs (%.1f tok/s) "
+                     "decode=%.3fs (%.2f tok/s) total=%.3fs finish=%s", self._route, self.gen.request_id,
+                     f.prompt_tokens, f.completion_tokens, f.prefill_seconds, f.prefill_tokens_per_s,
+                     f.decode_seconds, f.decode_tokens_per_s, wall, f.finish_reason)
+        else:
+            log.info("%s id=%s prompt_tokens=%s completion_tokens=%d total=%.3fs finish=cancelled",
+                     self._route, self.gen.request_id, self.prompt_tokens, self.completion_tokens, wall)
+
+
+def start_job(engine: Engine, gen: GenerationRequest, settings: ServerSettings, ping: bool = False) -> RunningJob:
+    check_sampling(gen.sampling)
+    return RunningJob(engine, gen, settings, ping)
+
+
+def collect(run: RunningJob, formatter=None) -> tuple[str, str, Any]:
+    """Run a non-streaming job to the end: (reasoning, content, FinishEvent).
+
+    Without a formatter the raw text (tags included) is returned as content.
+    """
+    reasoning, content = [], []
+    try:
+        for event in run:
+            if event is PING:
+                continue
+            if formatter is None:
+                r, c = ("", "") if is_finish(event) else ("", event.text)
+            elif is_finish(event):
+                r, c = formatter.finish()
+            else:
+                r, c = formatter.feed(event.reasoning, event.content)
+            reasoning.append(r)
+            content.append(c)
+    except Exception as exc:
+        raise generation_error(exc) from None
+    finally:
+        run.close()
+    if run.finish is None:
+        raise APIError(503, "generation was cancelled", error_type="server_error")
+    return "".join(reasoning), "".join(content), run.finish

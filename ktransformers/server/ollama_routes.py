@@ -1,0 +1,216 @@
+"""Ollama-compatible routes (what AnythingLLM's and Open-WebUI's Ollama modes call).
+
+Durations are integers in nanoseconds and streams are NDJSON, as Ollama does.  Reasoning goes
+to `thinking` unless the request says `think: false` (or the server runs with think_tags),
+in which case it is inlined in the content between <think> tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime, timedelta, timezone
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from ktransformers.server.engine import PING, GenerationRequest, is_finish
+from ktransformers.server.errors import APIError, unknown_model
+from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
+from ktransformers.server.reasoning_format import ReasoningFormatter
+from ktransformers.server.schemas import (OllamaChatRequest, OllamaGenerateRequest, OllamaOptions,
+                                          OllamaShowRequest)
+from ktransformers.server.sse import ndjson_line, ndjson_response
+
+ollama_routes = Blueprint("ollama", __name__)
+
+OLLAMA_VERSION = "0.12.0"   # what we claim to be; clients gate features on it
+
+
+def _engine_settings():
+    return current_app.config["KT_ENGINE"], current_app.config["KT_SETTINGS"]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return int(round(seconds * 1e9))
+
+
+def _check_model(name: str, settings) -> None:
+    if not settings.accepts_model(name):
+        raise unknown_model(name, settings.model_name)
+
+
+def _sampling(options: OllamaOptions | None) -> dict:
+    if options is None:
+        return {}
+    values = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
+              "seed": options.seed, "presence_penalty": options.presence_penalty,
+              "frequency_penalty": options.frequency_penalty, "repetition_penalty": options.repeat_penalty}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _max_new_tokens(options: OllamaOptions | None, settings) -> int:
+    wanted = options.num_predict if options else None
+    return wanted if wanted is not None and wanted > 0 else settings.max_new_tokens
+
+
+def _formatter(think, settings) -> ReasoningFormatter:
+    if think is False:
+        return ReasoningFormatter("think_tags")
+    if think is None:
+        return ReasoningFormatter(settings.reasoning_format)
+    return ReasoningFormatter("deepseek")
+
+
+def _stats(finish, started: float) -> dict:
+    return {"done_reason": finish.finish_reason, "total_duration": _ns(time.monotonic() - started),
+            "load_duration": 0, "prompt_eval_count": finish.prompt_tokens,
+            "prompt_eval_duration": _ns(finish.prefill_seconds), "eval_count": finish.completion_tokens,
+            "eval_duration": _ns(finish.decode_seconds)}
+
+
+def _loaded_reply(model: str, chat: bool):
+    """An empty request only asks to load the model, which is always loaded."""
+    body = {"model": model, "created_at": _now(), "done": True, "done_reason": "load"}
+    body.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+    return jsonify(body)
+
+
+def _reply(run: RunningJob, body, formatter: ReasoningFormatter, chat: bool, started: float):
+    """Stream NDJSON or return one object; `chat` picks message{} (chat) vs response (generate)."""
+    def piece(reasoning: str, content: str) -> dict:
+        if chat:
+            message = {"role": "assistant", "content": content}
+            if reasoning:
+                message["thinking"] = reasoning
+            return {"message": message}
+        return {"response": content, **({"thinking": reasoning} if reasoning else {})}
+
+    base = {"model": body.model}
+    if not body.stream:
+        reasoning, content, finish = collect(run, formatter)
+        return jsonify({**base, "created_at": _now(), **piece(reasoning, content), "done": True,
+                        **_stats(finish, started)})
+
+    def lines():
+        try:
+            for event in run:
+                if event is PING:
+                    continue
+                if is_finish(event):
+                    tail = formatter.finish()
+                    yield ndjson_line({**base, "created_at": _now(), **piece(*tail), "done": True,
+                                       **_stats(event, started)})
+                    continue
+                reasoning, content = formatter.feed(event.reasoning, event.content)
+                if reasoning or content:
+                    yield ndjson_line({**base, "created_at": _now(), **piece(reasoning, content), "done": False})
+        except Exception as exc:
+            yield ndjson_line({"error": generation_error(exc).message})
+        finally:
+            run.close()
+    return ndjson_response(lines())
+
+
+@ollama_routes.post("/api/chat")
+def chat():
+    started = time.monotonic()
+    engine, settings = _engine_settings()
+    body = OllamaChatRequest.model_validate_json(request.get_data())
+    _check_model(body.model, settings)
+    if not body.messages:
+        return _loaded_reply(body.model, chat=True)
+    for i, m in enumerate(body.messages):
+        if m.images:
+            raise APIError(400, f"messages[{i}].images: this model reads text only", param=f"messages[{i}].images")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    gen = GenerationRequest(max_new_tokens=_max_new_tokens(body.options, settings), messages=messages,
+                            sampling=_sampling(body.options), stop=list((body.options and body.options.stop) or []),
+                            force_think=settings.force_think)
+    run = start_job(engine, gen, settings)
+    return _reply(run, body, _formatter(body.think, settings), chat=True, started=started)
+
+
+@ollama_routes.post("/api/generate")
+def generate():
+    started = time.monotonic()
+    engine, settings = _engine_settings()
+    body = OllamaGenerateRequest.model_validate_json(request.get_data())
+    _check_model(body.model, settings)
+    if not body.prompt:
+        return _loaded_reply(body.model, chat=False)
+    if body.images:
+        raise APIError(400, "images: this model reads text only", param="images")
+    options = body.options
+    common = dict(max_new_tokens=_max_new_tokens(options, settings), sampling=_sampling(options),
+                  stop=list((options and options.stop) or []))
+    if body.raw:
+        gen = GenerationRequest(prompt=body.prompt, **common)
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                   [{"role": "user", "content": body.prompt}]
+        gen = GenerationRequest(messages=messages, force_think=settings.force_think, **common)
+    run = start_job(engine, gen, settings)
+    return _reply(run, body, _formatter(body.think, settings), chat=False, started=started)
+
+
+# ---------------------------------------------------------------- model information
+
+def _details(settings) -> dict:
+    return {"parent_model": "", "format": "gguf", "family": settings.model_family,
+            "families": [settings.model_family], "parameter_size": settings.parameter_size,
+            "quantization_level": settings.quantization_level}
+
+
+def _model_entry(settings) -> dict:
+    return {"name": settings.model_name, "model": settings.model_name,
+            "modified_at": datetime.fromtimestamp(settings.created, timezone.utc).isoformat().replace("+00:00", "Z"),
+            "size": settings.model_size_bytes,
+            "digest": hashlib.sha256(settings.model_name.encode()).hexdigest(),
+            "details": _details(settings)}
+
+
+@ollama_routes.get("/api/version")
+def version():
+    return jsonify({"version": OLLAMA_VERSION})
+
+
+@ollama_routes.get("/api/tags")
+def tags():
+    _, settings = _engine_settings()
+    return jsonify({"models": [_model_entry(settings)]})
+
+
+@ollama_routes.get("/api/ps")
+def running_models():
+    _, settings = _engine_settings()
+    expires = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
+    return jsonify({"models": [{**_model_entry(settings), "expires_at": expires, "size_vram": 0,
+                                "context_length": settings.max_context}]})
+
+
+@ollama_routes.post("/api/show")
+def show():
+    _, settings = _engine_settings()
+    body = OllamaShowRequest.model_validate_json(request.get_data())
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "model: required (the model to describe)", param="model")
+    _check_model(name, settings)
+    family = settings.model_family
+    return jsonify({
+        "license": "", "modelfile": f"FROM {settings.model_name}\n",
+        "parameters": f"num_ctx {settings.max_context}\nnum_predict {settings.max_new_tokens}",
+        "template": "{{ .Prompt }}", "details": _details(settings),
+        "model_info": {"general.architecture": family, "general.basename": settings.model_name,
+                       f"{family}.context_length": settings.max_context},
+        "capabilities": ["completion", "thinking"],
+        "modified_at": _model_entry(settings)["modified_at"]})
+
+
+@ollama_routes.route("/", methods=["GET", "HEAD"])
+def root():
+    return Response("Ollama is running", mimetype="text/plain")

@@ -1,0 +1,201 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from flask import Blueprint, current_app, jsonify, request
+
+from ktransformers.server.engine import PING, GenerationRequest, is_finish
+from ktransformers.server.errors import APIError, unknown_model
+from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
+from ktransformers.server.reasoning_format import ReasoningFormatter
+from ktransformers.server.schemas import ChatCompletionRequest, CompletionRequest, ContentPart
+from ktransformers.server.sse import SSE_DONE, SSE_PING, sse_event, sse_response
+
+openai_routes = Blueprint("openai", __name__)
+
+
+def _engine_settings():
+    return current_app.config["KT_ENGINE"], current_app.config["KT_SETTINGS"]
+
+
+def _check_common(body, settings) -> None:
+    if not settings.accepts_model(body.model):
+        raise unknown_model(body.model, settings.model_name)
+    if body.n not in (None, 1):
+        raise APIError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1)",
+                       param="n", code="unsupported_value")
+
+
+def _sampling(body) -> dict:
+    values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
+              "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+              "repetition_penalty": body.repetition_penalty}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def message_text(content: str | list[ContentPart] | None, where: str) -> str:
+    """A message's text: a string, or the text parts of a content array joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for i, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise APIError(400, f"{where}.content[{i}]: only text parts are supported, got type {part.type!r}",
+                           param=f"{where}.content", code="unsupported_content")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _usage(finish) -> dict:
+    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+
+
+# ---------------------------------------------------------------- chat
+
+@openai_routes.post("/v1/chat/completions")
+def chat_completions():
+    engine, settings = _engine_settings()
+    body = ChatCompletionRequest.model_validate_json(request.get_data())
+    _check_common(body, settings)
+    messages = [{"role": "system" if m.role == "developer" else m.role,
+                 "content": message_text(m.content, f"messages[{i}]")} for i, m in enumerate(body.messages)]
+    gen = GenerationRequest(
+        max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.max_new_tokens,
+        messages=messages, sampling=_sampling(body), stop=_stop_list(body.stop),
+        force_think=settings.force_think)
+    formatter = ReasoningFormatter(body.reasoning_format or settings.reasoning_format)
+    run = start_job(engine, gen, settings, ping=body.stream)
+    head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": settings.model_name}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return sse_response(_chat_chunks(run, head, formatter, include_usage))
+    reasoning, content, finish = collect(run, formatter)
+    message = {"role": "assistant", "content": content}
+    if not formatter.inline:
+        message["reasoning_content"] = reasoning
+    return jsonify({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
+                                 "finish_reason": finish.finish_reason}],
+                    "usage": _usage(finish)})
+
+
+def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, include_usage: bool):
+    head = {**head, "object": "chat.completion.chunk"}
+    usage_field = {"usage": None} if include_usage else {}
+
+    def chunk(delta: dict, finish_reason=None) -> str:
+        return sse_event({**head, **usage_field, "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    def delta_of(reasoning: str, content: str) -> dict:
+        delta = {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        return delta
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for event in run:
+            if event is PING:
+                yield SSE_PING
+            elif is_finish(event):
+                tail = delta_of(*formatter.finish())
+                if tail:
+                    yield chunk(tail)
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    yield sse_event({**head, "choices": [],
+                                     "usage": _usage(event)})
+            else:
+                delta = delta_of(*formatter.feed(event.reasoning, event.content))
+                if delta:
+                    yield chunk(delta)
+    except Exception as exc:  # headers are gone: report in-band, as OpenAI does
+        yield sse_event(generation_error(exc).openai_body())
+    finally:
+        run.close()
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------- legacy completions
+
+@openai_routes.post("/v1/completions")
+def completions():
+    engine, settings = _engine_settings()
+    body = CompletionRequest.model_validate_json(request.get_data())
+    _check_common(body, settings)
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise APIError(400, f"prompt: a list must hold exactly one string (got {len(body.prompt)}); "
+                                "batched prompts are not supported", param="prompt", code="unsupported_value")
+        prompt = body.prompt[0]
+    else:
+        prompt = body.prompt
+    if not prompt:
+        raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
+    gen = GenerationRequest(max_new_tokens=body.max_tokens or settings.max_new_tokens, prompt=prompt,
+                            sampling=_sampling(body), stop=_stop_list(body.stop))
+    run = start_job(engine, gen, settings, ping=body.stream)
+    head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": settings.model_name}
+    if body.stream:
+        return sse_response(_completion_chunks(run, head, bool(body.stream_options and body.stream_options.include_usage)))
+    _, text, finish = collect(run)
+    return jsonify({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                         "finish_reason": finish.finish_reason}],
+                    "usage": _usage(finish)})
+
+
+def _completion_chunks(run: RunningJob, head: dict, include_usage: bool):
+    def chunk(text: str, finish_reason=None) -> str:
+        return sse_event({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+                                               "finish_reason": finish_reason}]})
+
+    try:
+        for event in run:
+            if event is PING:
+                yield SSE_PING
+            elif is_finish(event):
+                yield chunk("", event.finish_reason)
+                if include_usage:
+                    yield sse_event({**head, "choices": [], "usage": _usage(event)})
+            elif event.text:
+                yield chunk(event.text)
+    except Exception as exc:
+        yield sse_event(generation_error(exc).openai_body())
+    finally:
+        run.close()
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------- models
+
+def _model_card(settings) -> dict:
+    return {"id": settings.model_name, "object": "model", "created": settings.created,
+            "owned_by": "ktransformers", "max_model_len": settings.max_context}
+
+
+@openai_routes.get("/v1/models")
+def list_models():
+    _, settings = _engine_settings()
+    return jsonify({"object": "list", "data": [_model_card(settings)]})
+
+
+@openai_routes.get("/v1/models/<path:model_id>")
+def get_model(model_id: str):
+    _, settings = _engine_settings()
+    if not settings.accepts_model(model_id):
+        raise unknown_model(model_id, settings.model_name)
+    return jsonify(_model_card(settings))

@@ -1,0 +1,38 @@
+"""Server settings: everything the routes need to know that is not the model itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+REASONING_FORMATS = ("deepseek", "think_tags")
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "DeepSeek-R1"
+    api_key: str | None = None
+    max_new_tokens: int = 1000          # used when a request names no max_tokens
+    max_context: int = 4096             # reported by /api/show and /v1/models
+    reasoning_format: str = "deepseek"  # deepseek: reasoning_content field; think_tags: inline <think>
+    force_think: bool = False
+    retry_after_s: int = 5              # Retry-After sent with 503 when the queue is full
+    stream_ping_s: float = 10.0         # SSE comment sent while the model is silent (long prefills)
+    model_family: str = "deepseek2"
+    parameter_size: str = ""
+    quantization_level: str = ""
+    model_size_bytes: int = 0
+    created: int = field(default=0)     # unix time the model was loaded
+
+    def __post_init__(self) -> None:
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"reasoning_format must be one of {REASONING_FORMATS}, got {self.reasoning_format!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def accepts_model(self, name: str | None) -> bool:
+        """True when `name` designates the served model (Ollama clients append ':latest')."""
+        if not name:
+            return True
+        wanted = name.strip().lower()
+        served = self.model_name.lower()
+        return wanted in (served, f"{served}:latest")

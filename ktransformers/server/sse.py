@@ -1,0 +1,38 @@
+"""Wire formats for streamed responses: Server-Sent Events (OpenAI) and NDJSON (Ollama)."""
+
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from flask import Response
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_PING = ": ping\n\n"   # a comment line: clients ignore it, proxies and timeouts see traffic
+
+
+def _json(payload: dict) -> str:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse_event(payload: dict) -> str:
+    return f"data: {_json(payload)}\n\n"
+
+
+def ndjson_line(payload: dict) -> str:
+    return _json(payload) + "\n"
+
+
+def _streaming(chunks: Iterable[str], mimetype: str) -> Response:
+    response = Response(chunks, mimetype=mimetype)
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"   # nginx in front must not buffer either
+    return response
+
+
+def sse_response(chunks: Iterable[str]) -> Response:
+    return _streaming(chunks, "text/event-stream")
+
+
+def ndjson_response(chunks: Iterable[str]) -> Response:
+    return _streaming(chunks, "application/x-ndjson")

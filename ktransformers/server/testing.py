@@ -1,0 +1,106 @@
+"""A scripted stand-in for the model, for tests and client integration checks without weights.
+
+`ScriptedGenerator` is a `generate_fn` for `Engine`: it thinks a few words, then answers with
+words that carry the request's last message (so a test can tell whose tokens it received),
+and records what happened (requests seen, generators closed early).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from ktransformers.server.app import create_app
+from ktransformers.server.engine import Engine, GenerationRequest, PromptAccepted
+from ktransformers.server.settings import ServerSettings
+from ktransformers.server.wsgi import BackgroundServer
+from ktransformers.util.events import ContextLengthError, FinishEvent, TokenEvent
+
+
+class ScriptedGenerator:
+    def __init__(self, reasoning_words: int = 2, max_context: int = 200, token_delay_s: float = 0.0):
+        self.reasoning_words = reasoning_words
+        self.max_context = max_context
+        self.token_delay_s = token_delay_s
+        self.permits: threading.Semaphore | None = None  # when set, each token takes one permit
+        self.requests: list[GenerationRequest] = []
+        self.closed_early: list[tuple[str, int]] = []  # (request_id, tokens yielded before close)
+        self.fail_after: int | None = None            # raise RuntimeError after this many tokens
+
+    def hold(self) -> None:
+        """From now on each token waits for `allow`."""
+        self.permits = threading.Semaphore(0)
+
+    def allow(self, tokens: int = 1) -> None:
+        if self.permits is not None:
+            self.permits.release(tokens)
+
+    @staticmethod
+    def tag_of(request: GenerationRequest) -> str:
+        text = request.messages[-1]["content"] if request.messages else request.prompt
+        return text.split()[-1] if text.split() else "empty"
+
+    def answer(self, request: GenerationRequest) -> tuple[list[str], list[str]]:
+        """The reasoning and content pieces a request with unlimited tokens would get."""
+        tag = self.tag_of(request)
+        return [f"hmm{i} " for i in range(self.reasoning_words)], [f"{tag}.{i} " for i in range(10_000)]
+
+    def __call__(self, request: GenerationRequest):
+        return self._generate(request)
+
+    def _generate(self, request: GenerationRequest):
+        self.requests.append(request)
+        text = " ".join(m["content"] for m in request.messages) if request.messages else request.prompt
+        prompt_tokens = len(text.split())
+        if prompt_tokens >= self.max_context:
+            raise ContextLengthError(prompt_tokens, self.max_context)
+        yield PromptAccepted(prompt_tokens)
+        reasoning, content = self.answer(request)
+        count, finish_reason, started = 0, "length", time.perf_counter()
+        pieces = [(r, "") for r in reasoning] + [("", c) for c in content]
+        try:
+            for r, c in pieces[:request.max_new_tokens]:
+                if self.permits is not None:
+                    self.permits.acquire()
+                if self.token_delay_s:
+                    time.sleep(self.token_delay_s)
+                if self.fail_after is not None and count >= self.fail_after:
+                    raise RuntimeError("scripted failure")
+                raw = (f"<think>{r}" if count == 0 and r else r) + c
+                yield TokenEvent(token_id=count, text=raw, reasoning=r, content=c)
+                count += 1
+                if any(s in c for s in request.stop):
+                    finish_reason = "stop"
+                    break
+        except GeneratorExit:  # suspended at a yield: that token had been handed out
+            self.closed_early.append((request.request_id, count + 1))
+            raise
+        elapsed = time.perf_counter() - started
+        yield FinishEvent(finish_reason=finish_reason, prompt_tokens=prompt_tokens, completion_tokens=count,
+                          prefill_seconds=0.001, decode_seconds=elapsed,
+                          prefill_tokens_per_s=prompt_tokens / 0.001, decode_tokens_per_s=count / max(elapsed, 1e-9))
+
+
+@dataclass
+class ScriptedServer:
+    url: str
+    generator: ScriptedGenerator
+    engine: Engine
+    settings: ServerSettings
+
+
+@contextmanager
+def scripted_server(settings: ServerSettings | None = None, queue_size: int = 4, **generator_options):
+    """The real app and waitress, in a background thread, around a ScriptedGenerator."""
+    generator = ScriptedGenerator(**generator_options)
+    engine = Engine(generator, queue_size=queue_size)
+    settings = settings or ServerSettings(model_name="scripted")
+    with BackgroundServer(create_app(engine, settings), queue_size=queue_size) as url:
+        try:
+            yield ScriptedServer(url, generator, engine, settings)
+        finally:
+            generator.allow(1_000_000)   # free any token a test left waiting
+            engine.stop()

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures: tiny synthetic DeepSeek models, built once per test session.
+
+    def test_something(tiny_model_dir):            # default: DeepSeek-V3 layout, all F32
+        model = open_gguf(tiny_model_dir)           # tiny_model_dir / "model.gguf", config.json, tokenizer...
+
+    def test_quantized(tiny_model):                 # factory, cached by its arguments
+        path = tiny_model(quant_mix="q4_k_m")                         # Q4_K/Q6_K like llama.cpp's Q4_K_M
+        path = tiny_model(quant_mix="ud-iq1_s", arch="deepseek_v3")   # IQ1_S/IQ2_XXS/Q2_K experts
+        path = tiny_model(arch="deepseek_v2", split=2, kv_b_split=True, num_hidden_layers=2)
+
+`tiny_model(quant_mix="f32", arch="deepseek_v3", seed=0, split=None, kv_b_split=False, **config_overrides)`
+returns the directory written by `ktransformers.tools.make_tiny_model.make_tiny_model`; quant mixes:
+"f32", "q8_0", "q4_k_m", "ud-iq1_s"; archs: "deepseek_v3", "deepseek_v2". Treat the directories as
+read-only: they are shared by every test of the session.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ktransformers.tools.make_tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory fixture: `tiny_model(quant_mix=..., arch=..., seed=..., split=..., **overrides) -> Path`."""
+    built = {}
+
+    def build(quant_mix="f32", arch="deepseek_v3", seed=0, split=None, kv_b_split=False, **config_overrides):
+        key = (quant_mix, arch, seed, split, kv_b_split, json.dumps(config_overrides, sort_keys=True))
+        if key not in built:
+            directory = tmp_path_factory.mktemp(f"tiny-{arch}-{quant_mix}")
+            built[key] = make_tiny_model(directory, arch, quant_mix, seed, split, kv_b_split, **config_overrides)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model):
+    """Directory of the default tiny model: DeepSeek-V3 layout, F32 weights, single model.gguf."""
+    return tiny_model()

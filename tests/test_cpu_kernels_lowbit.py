@@ -1,0 +1,141 @@
+"""Low-bit native dot kernels (IQ1_S ... IQ4_XS) against gguf.quants.dequantize as the oracle.
+
+Every case draws fresh random weight blocks (all bit patterns are valid in these formats; only
+the fp16 scale fields are set to small finite values) and fresh activations, runs them through
+the public `ktransformers.kernels.quant_linear` on every ISA this CPU offers, and compares with
+dequantize(bytes) @ x in float64.
+"""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
+
+from ktransformers import kernels
+
+if not kernels.available():
+    pytest.fail(f"native kernels unavailable: {kernels.unavailable_reason()}", pytrace=False)
+_cpu = kernels._cpu
+
+LOWBIT = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL]
+
+# Byte offsets of the plain fp16 scale fields in one block (IQ1_M's is split, see _set_scales).
+FP16_FIELDS = {T.IQ1_S: [0], T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ3_XXS: [0], T.Q2_K: [80, 82],
+               T.Q3_K: [108], T.IQ4_XS: [0], T.IQ4_NL: [0], T.IQ1_M: []}
+
+
+def _set_scales(blocks: np.ndarray, ggml_type, rng) -> None:
+    """Overwrite the fp16 scale fields of `blocks` [n, bytes] with random finite +-(0.5..1.5)e-2."""
+    n = blocks.shape[0]
+    for off in FP16_FIELDS[ggml_type]:
+        d = (rng.uniform(0.5, 1.5, n) * rng.choice([-1, 1], n) * 1e-2).astype(np.float16)
+        blocks[:, off:off + 2] = d.view(np.uint8).reshape(n, 2)
+    if ggml_type == T.IQ1_M:  # fp16 d = the top nibbles of the 4 uint16 scale words (bytes 48..55)
+        d = (rng.uniform(0.5, 1.5, n) * 1e-2).astype(np.float16).view(np.uint16).astype(np.uint32)
+        words = blocks[:, 48:56].copy().view(np.uint16).astype(np.uint32)
+        for j in range(4):
+            words[:, j] = (words[:, j] & 0x0FFF) | (((d >> (4 * j)) & 0xF) << 12)
+        blocks[:, 48:56] = words.astype(np.uint16).view(np.uint8).reshape(n, 8)
+
+
+def random_weights(ggml_type, rows: int, cols: int, rng) -> np.ndarray:
+    """rows x cols weights of raw blocks; row 0 has all quant bits 0, row 1 all 1 (extremes)."""
+    block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    raw = rng.integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
+    raw[0] = 0x00
+    raw[1] = 0xFF
+    flat = raw.reshape(-1, block_bytes)
+    _set_scales(flat, ggml_type, rng)
+    return flat.reshape(rows, -1)
+
+
+def random_activations(m: int, cols: int, rng) -> np.ndarray:
+    x = rng.standard_normal((m, cols)).astype(np.float32)
+    x[:, :32] = 0.0  # an all-zero quantization block (scale 0)
+    x[:, 32:64] *= 1000.0  # a block of large values
+    return x
+
+
+def quantize_like_kernel(x: np.ndarray):
+    """The kernel's own Q8 rows of x: (q int8 [M, K], d float32 [M, K/32])."""
+    q, d = [], []
+    for row in x:
+        qb, db, _ = _cpu.quantize_q8(row, row.size)
+        q.append(np.frombuffer(qb, dtype=np.int8))
+        d.append(np.asarray(db, dtype=np.float32))
+    return np.stack(q), np.stack(d)
+
+
+def run_kernel(x: np.ndarray, raw: np.ndarray, ggml_type, rows: int, cols: int) -> np.ndarray:
+    out = kernels.quant_linear(torch.from_numpy(x), torch.from_numpy(raw.reshape(-1)), ggml_type, rows, cols)
+    return out.numpy().astype(np.float64)
+
+
+@pytest.fixture(params=list(_cpu.available_isas()))
+def isa(request):
+    previous = _cpu.isa()
+    _cpu.select_isa(request.param)
+    yield request.param
+    _cpu.select_isa(previous)
+
+
+def _lengths(ggml_type):
+    return [32, 96, 7168] if GGML_QUANT_SIZES[ggml_type][0] == 32 else [256, 512, 7168]
+
+
+CASES = [(t, k) for t in LOWBIT for k in _lengths(t)]
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("ggml_type,cols", CASES, ids=[f"{t.name}-{k}" for t, k in CASES])
+def test_lowbit_matches_gguf_dequantize(isa, ggml_type, cols, m):
+    assert int(ggml_type) in _cpu.supported_types(), f"{ggml_type.name} has no kernel in {isa}"
+    rng = np.random.default_rng()
+    rows = 6
+    raw = random_weights(ggml_type, rows, cols, rng)
+    w = quants.dequantize(raw, ggml_type).astype(np.float64)  # the independent oracle
+    assert w.shape == (rows, cols) and np.isfinite(w).all()
+    x = random_activations(m, cols, rng)
+
+    # (a) Activations that are exactly their own int8 quantization: the kernel must reproduce
+    # dequant(W) @ x up to float32 summation order. Tolerance 1e-5 of sum |w||x| (the scale of
+    # the rounding errors; the result itself may cancel to near zero).
+    q, d = quantize_like_kernel(x)
+    x_q = (np.repeat(d, 32, axis=1) * q).astype(np.float32)
+    q_again, _ = quantize_like_kernel(x_q)
+    assert np.array_equal(q_again, q), "re-quantizing x_q must give the same int8 values"
+    magnitude = np.abs(x_q.astype(np.float64)) @ np.abs(w).T
+    err = np.abs(run_kernel(x_q, raw, ggml_type, rows, cols) - x_q.astype(np.float64) @ w.T)
+    assert (err <= 1e-5 * magnitude + 1e-30).all(), f"max err {err.max()}, max |w||x| {magnitude.max()}"
+
+    # (b) Float activations: the only extra error is 8-bit activation rounding, at most half a
+    # quantization step (amax/127)/2 per element, so |y - W x| <= |W| @ (amax_block / 254).
+    step = np.repeat(np.abs(x).reshape(m, -1, 32).max(axis=2) / 254.0, 32, axis=1).astype(np.float64)
+    bound = step @ np.abs(w).T * 1.001 + 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+    err = np.abs(run_kernel(x, raw, ggml_type, rows, cols) - x.astype(np.float64) @ w.T)
+    assert (err <= bound).all(), f"max err {err.max()} exceeds the quantization bound"
+
+
+def test_iq_tables_init_is_idempotent_and_checks_input():
+    from ktransformers.kernels import iq_tables
+
+    iq_tables.init(_cpu)
+    iq_tables.init(_cpu)  # second call: no-op
+    tables = iq_tables.collect_tables()
+    assert sorted(tables) == ["iq1s_grid", "iq2xs_grid", "iq2xxs_grid", "iq3xxs_grid", "iq4nl_values", "ksigns"]
+    with pytest.raises(ValueError, match="iq2xxs_grid.*expected 2048 bytes, got 7"):
+        _cpu.init_iq_table("iq2xxs_grid", b"\x00" * 7)
+    with pytest.raises(ValueError, match="'no_such_table'.*unknown"):
+        _cpu.init_iq_table("no_such_table", b"")
+    # Re-storing the real tables (what init does) leaves the kernels correct: the IQ2_XXS case
+    # still matches the oracle afterwards.
+    for name, data in tables.items():
+        _cpu.init_iq_table(name, data)
+    rng = np.random.default_rng()
+    raw = random_weights(T.IQ2_XXS, 2, 256, rng)
+    x = random_activations(1, 256, rng)
+    q, d = quantize_like_kernel(x)
+    x_q = (np.repeat(d, 32, axis=1) * q).astype(np.float32)
+    w = quants.dequantize(raw, T.IQ2_XXS).astype(np.float64)
+    err = np.abs(run_kernel(x_q, raw, T.IQ2_XXS, 2, 256) - x_q.astype(np.float64) @ w.T)
+    assert (err <= 1e-5 * (np.abs(x_q) @ np.abs(w).T)).all()
