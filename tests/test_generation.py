@@ -35,8 +35,9 @@ class ScriptedModel:
     It checks that positions are contiguous (the static cache contract) and records calls.
     """
 
-    def __init__(self, prompt_len, script, vocab_size, max_context=4096, noise_seed=None):
-        self.prompt_len, self.script = prompt_len, list(script)
+    def __init__(self, prompt_len, script, vocab_size, max_context=4096, noise_seed=None,
+                 device="cpu"):
+        self.prompt_len, self.script, self.device = prompt_len, list(script), device
         self.vocab_size, self.max_context = vocab_size, max_context
         self.calls = []  # (start_pos, token ids)
         self.next_pos = 0
@@ -57,7 +58,7 @@ class ScriptedModel:
         step = start_pos + length - self.prompt_len
         if 0 <= step < len(self.script) and self.noise is None:
             logits[0, -1, self.script[step]] = 30.0
-        return logits
+        return logits.to(self.device)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,14 @@ def test_seeded_sampling_is_reproducible(tokenizer):
 
     assert sample(5) == sample(5)
     assert sample(5) != sample(6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_logits_on_cuda(tokenizer):
+    prompt, answer, model = make(tokenizer, "hello", "the 世界 answer", device="cuda")
+    params = SamplingParams(temperature=0.5, top_p=0.5, repetition_penalty=1.05, seed=1)
+    tokens, finish = run(model, tokenizer, prompt, sampling=params)
+    assert [e.token_id for e in tokens] == answer and finish.finish_reason == "stop"
 
 
 def test_finish_reports_timings(tokenizer):

@@ -157,6 +157,20 @@ def test_unseeded_sampling_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_logits_filter_like_cpu_and_sample_reproducibly():
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.1,
+                            presence_penalty=0.3, frequency_penalty=0.2, seed=11)
+    logits = random_logits(3, vocab=129280)
+    on_cpu = Sampler(params, [1, 2, 3]).process(logits)
+    on_gpu = Sampler(params, [1, 2, 3]).process(logits.cuda())
+    assert on_gpu.is_cuda
+    assert_same_filter(on_gpu.cpu(), on_cpu)
+    rows = [random_logits(i, vocab=129280).cuda() for i in range(20)]
+    first, again = Sampler(params), Sampler(params)
+    assert [first.sample(r) for r in rows] == [again.sample(r) for r in rows]
+
+
 @pytest.mark.parametrize("field,value", [
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", "hot"),
     ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1), ("top_k", 2.5), ("top_k", True),

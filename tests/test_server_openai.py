@@ -194,6 +194,8 @@ def test_auth_scope_and_unknown_route(srv):
     assert requests.get(srv.url + "/v1/models", timeout=5).status_code == 401    # no key
     r = requests.get(srv.url + "/v1/nothing", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_url"
+    r = requests.get(srv.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+    assert r.status_code == 405 and "POST" in r.headers["Allow"] and r.json()["error"]["message"]
 
 
 def test_cors_preflight_and_headers(srv):

@@ -4,6 +4,7 @@ A ScriptedGenerator stands in for the model so each test controls exactly when t
 """
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -170,3 +171,31 @@ def test_long_prefill_keeps_sse_headers_and_pings_flowing():
         srv.generator.allow(1000)
         read_until(sock, b"data: [DONE]", received)
         sock.close()
+
+
+def test_client_leaving_while_queued_never_reaches_the_model():
+    with scripted_server() as srv:
+        srv.generator.hold()
+        running = open_stream(srv.url, "/v1/chat/completions", chat_body("first"))
+        read_until(running, b'"role":"assistant"', bytearray())
+        queued = open_stream(srv.url, "/v1/chat/completions", chat_body("quitter", stream=False))
+        wait_for(lambda: srv.engine.waiting == 1)
+        queued.close()
+        time.sleep(0.6)                                   # > the 0.25 s disconnect poll
+        srv.generator.allow(1000)
+        read_until(running, b"data: [DONE]", bytearray())
+        running.close()
+        wait_for(lambda: srv.engine.waiting == 0 and not srv.engine.busy)
+        assert srv.engine.completed == 1
+        assert [srv.generator.tag_of(r) for r in srv.generator.requests] == ["first"]
+
+
+def test_one_log_line_per_request_with_tokens_and_timings(caplog):
+    caplog.set_level(logging.INFO, logger="ktransformers.server")
+    with scripted_server() as srv:
+        requests.post(srv.url + "/v1/chat/completions", json=chat_body("log", stream=False), timeout=5)
+        wait_for(lambda: any("completion_tokens" in r.getMessage() for r in caplog.records))
+    lines = [r.getMessage() for r in caplog.records if "completion_tokens" in r.getMessage()]
+    assert len(lines) == 1
+    assert "POST /v1/chat/completions" in lines[0] and "prompt_tokens=2 completion_tokens=6" in lines[0]
+    assert "decode=" in lines[0] and "tok/s" in lines[0] and "finish=length" in lines[0]

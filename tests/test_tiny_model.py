@@ -306,6 +306,9 @@ def test_config_overrides(tmp_path):
         make_tiny_model(tmp_path / "x", quant_mix="q3")
     with pytest.raises(ValueError, match="n_group"):
         make_tiny_model(tmp_path / "x", n_group=3)
+    with pytest.raises(ValueError, match="split must be between 1 and the number of tensors"):
+        make_tiny_model(tmp_path / "x", split=500)
+    assert not (tmp_path / "x").exists()  # bad arguments are caught before anything is written
 
 
 def test_rewriting_a_directory_replaces_the_model(tmp_path):
@@ -322,3 +325,15 @@ def test_command_line(tmp_path, capsys):
     assert len(model.files) == 2 and model.metadata["general.name"] == "tiny-deepseek-v2"
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--quant-mix", "q5"])
+
+
+def test_gguf_vocabulary_rebuilds_the_same_tokenizer(tiny_model_dir):
+    """tokenizer.ggml.* (tokens, merges, types, pre "deepseek-v3") must tokenize exactly like tokenizer.json."""
+    from ktransformers.models.tokenizer_from_gguf import tokenizer_from_gguf
+
+    original = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rebuilt = tokenizer_from_gguf(open_gguf(tiny_model_dir).metadata, "tiny")
+    texts = ["Hello, world! 12345 apples.", "你好，世界！こんにちは", "def f(x):\n\treturn x**2  # 😀 ✅",
+             "<｜User｜>Hi<｜Assistant｜><think>\nhmm\n</think>\n\nOK<｜end▁of▁sentence｜>"]
+    for text in texts:
+        assert rebuilt(text).input_ids == original(text).input_ids, text

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType, Keys
 
 from .errors import GGUFError
 from .ggml_types import GGMLType, row_nbytes
 from .quant_tensor import QuantTensor
 
 SUPPORTED_VERSIONS = (2, 3)
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
+                                        Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # Little-endian layout of each scalar metadata type (GGUF files written on x86/ARM hosts).
@@ -98,7 +100,8 @@ class _Cursor:
 
     def string_array(self, key: str, count: int) -> list[str]:
         # The hot path for tokenizer vocabularies and merges (>100k entries): locals only, one decode each.
-        buffer, offset, size, unpack_length = self.buffer, self.offset, len(self.buffer), struct.Struct("<Q").unpack_from
+        buffer, offset, size = self.buffer, self.offset, len(self.buffer)
+        unpack_length = struct.Struct("<Q").unpack_from
         strings = []
         for _ in range(count):
             if offset + 8 > size:
@@ -113,7 +116,7 @@ class _Cursor:
             try:
                 return [raw.decode("utf-8") for raw in strings]
             except UnicodeDecodeError as error:
-                raise GGUFError(self.path, f"metadata array {key!r} holds a string that is not UTF-8 ({error})") from None
+                raise GGUFError(self.path, f"metadata array {key!r} holds a non-UTF-8 string ({error})") from None
         raise GGUFError(self.path, f"truncated file: metadata array {key!r} of {count} strings "
                                    f"runs past the end ({size} bytes)")
 
@@ -292,10 +295,10 @@ def open_gguf(path: Path | str) -> GGUFModel:
             owner[name] = part.path
     if "general.architecture" not in metadata:
         raise GGUFError(paths[0], "metadata has no general.architecture")
-    expected = metadata.get("split.tensors.count")
+    expected = metadata.get(SPLIT_TENSORS)
     if expected is not None and expected != len(tensors):
-        raise GGUFError(paths[0], f"split.tensors.count says {expected} tensors, the parts hold {len(tensors)}")
-    for key in ("split.no", "split.count", "split.tensors.count"):
+        raise GGUFError(paths[0], f"{SPLIT_TENSORS} says {expected} tensors, the parts hold {len(tensors)}")
+    for key in (SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS):
         metadata.pop(key, None)  # describe one file, not the model
     return GGUFModel(paths, metadata, tensors, parts)
 
@@ -303,8 +306,8 @@ def open_gguf(path: Path | str) -> GGUFModel:
 def _check_split_metadata(parts: list[GGUFFile]) -> None:
     count = len(parts)
     for number, part in enumerate(parts):
-        declared = part.metadata.get("split.count", 1)
+        declared = part.metadata.get(SPLIT_COUNT, 1)
         if declared != count:
-            raise GGUFError(part.path, f"split.count is {declared} but the set has {count} file(s)")
-        if part.metadata.get("split.no", 0) != number:
-            raise GGUFError(part.path, f"split.no is {part.metadata.get('split.no')}, expected {number}")
+            raise GGUFError(part.path, f"{SPLIT_COUNT} is {declared} but the set has {count} file(s)")
+        if part.metadata.get(SPLIT_NO, 0) != number:
+            raise GGUFError(part.path, f"{SPLIT_NO} is {part.metadata.get(SPLIT_NO)}, expected {number}")

@@ -21,6 +21,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Flask:
     app = Flask("ktransformers.server")
     app.config["KT_ENGINE"] = engine
     app.config["KT_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = 64 * 1024 * 1024   # larger bodies get 413, not our memory
     app.json.sort_keys = False          # keep OpenAI's field order; some clients log raw chunks
     app.json.ensure_ascii = False
     CORS(app, expose_headers=["Retry-After"])

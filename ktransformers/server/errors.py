@@ -77,8 +77,9 @@ def register_error_handlers(app: Flask) -> None:
     def _http(exc: HTTPException):
         if exc.code == 404:
             err = APIError(404, f"Unknown route {request.method} {request.path}", code="unknown_url")
-        else:
-            err = APIError(exc.code or 500, exc.description or exc.name)
+        else:   # keep werkzeug's headers such as Allow on 405
+            headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+            err = APIError(exc.code or 500, exc.description or exc.name, headers=headers)
         return error_response(err)
 
     @app.errorhandler(Exception)

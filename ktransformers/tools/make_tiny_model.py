@@ -39,42 +39,55 @@ def make_tiny_model(out_dir, arch: str = "deepseek_v3", quant_mix: str = "f32", 
     """
     if quant_mix not in QUANT_MIXES:
         raise ValueError(f"unknown quant mix {quant_mix!r}; choose one of {QUANT_MIXES}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+    # Everything is validated before the first file is written.
     tokenizer = build_tiny_tokenizer()
     config = make_config(arch, tokenizer.vocab_size, tokenizer.token_id(BOS), tokenizer.token_id(EOS),
                          config_overrides)
+    plan = tensor_plan(config, kv_b_split)
+    parts = _split_plan(plan, split)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", make_generation_config(config))
     tokenizer.save(out_dir, model_max_length=config["max_position_embeddings"])
-
-    plan = tensor_plan(config, kv_b_split)
-    parts = _split_plan(plan, split)
-    paths = [out_dir / "model.gguf"] if split is None else [
-        out_dir / f"model-{number:05d}-of-{len(parts):05d}.gguf" for number in range(1, len(parts) + 1)
-    ]
     for stale in [*out_dir.glob("model.gguf"), *out_dir.glob("model-*-of-*.gguf")]:
         stale.unlink()  # only our own earlier outputs, so the directory holds exactly one model
 
-    for number, (path, specs) in enumerate(zip(paths, parts)):
-        writer = gguf.GGUFWriter(path, GGUF_ARCH)
-        if number == 0:  # like llama.cpp's gguf-split, the first part carries the model's metadata
-            _add_model_metadata(writer, config, quant_mix, kv_b_split)
-            _add_tokenizer_metadata(writer, tokenizer)
-        if split is not None:
-            writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, number)
-            writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, len(parts))
-            writer.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan))
-        for spec in specs:
-            ggml_type = choose_type(spec, quant_mix, config)
-            values = tensor_values(spec, ggml_type, seed)
-            writer.add_tensor(spec.name, values, raw_dtype=None if values.dtype == np.float32 else ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+    if split is None:
+        _write_gguf(out_dir / "model.gguf", plan, config, tokenizer, quant_mix, seed, kv_b_split)
+        return out_dir
+    for number, specs in enumerate(parts):
+        path = out_dir / f"model-{number + 1:05d}-of-{len(parts):05d}.gguf"
+        # Like llama.cpp's gguf-split, only the first part carries the model's metadata.
+        _write_gguf(path, specs, config, tokenizer if number == 0 else None, quant_mix, seed, kv_b_split,
+                    split_info=(number, len(parts), len(plan)))
     return out_dir
+
+
+def _write_gguf(path: Path, specs: list, config: dict, tokenizer: TinyTokenizer | None, quant_mix: str, seed: int,
+                kv_b_split: bool, split_info: tuple[int, int, int] | None = None) -> None:
+    """One GGUF file holding `specs`; model and tokenizer metadata only when `tokenizer` is given.
+
+    `split_info` = (part number from 0, number of parts, tensors in all parts) for split sets.
+    """
+    writer = gguf.GGUFWriter(path, GGUF_ARCH)
+    if tokenizer is not None:
+        _add_model_metadata(writer, config, quant_mix, kv_b_split)
+        _add_tokenizer_metadata(writer, tokenizer)
+    if split_info is not None:
+        number, count, total_tensors = split_info
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, number)
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, count)
+        writer.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, total_tensors)
+    for spec in specs:
+        ggml_type = choose_type(spec, quant_mix, config)
+        values = tensor_values(spec, ggml_type, seed)
+        writer.add_tensor(spec.name, values, raw_dtype=None if values.dtype == np.float32 else ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _split_plan(plan: list, split: int | None) -> list[list]:
@@ -126,8 +139,8 @@ def _add_model_metadata(writer: gguf.GGUFWriter, config: dict, quant_mix: str, k
     writer.add_expert_shared_count(config["n_shared_experts"])
     writer.add_expert_weights_scale(config["routed_scaling_factor"])
     writer.add_expert_weights_norm(bool(config["norm_topk_prob"]))
-    gating = gguf.ExpertGatingFuncType.SIGMOID if config["scoring_func"] == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
-    writer.add_expert_gating_func(gating)
+    sigmoid = config["scoring_func"] == "sigmoid"
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     if config["n_group"]:
         writer.add_expert_group_count(config["n_group"])
         writer.add_expert_group_used_count(config["topk_group"])

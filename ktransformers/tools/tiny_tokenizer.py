@@ -24,6 +24,14 @@ CHAT_SPECIALS = [
 # In R1 these two are added tokens but not "special": decoding with skip_special_tokens keeps them.
 THINK_TOKENS = ["<think>", "</think>"]
 TRAINED_VOCAB_SIZE = 800
+# DeepSeek-V3's pre-tokenizer (GGUF tokenizer.ggml.pre "deepseek-v3"): numbers in groups of up to
+# three digits, runs of CJK, then words / punctuation / whitespace; byte-level mapping comes after.
+DEEPSEEK_V3_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 
 
 @dataclass
@@ -72,12 +80,10 @@ class TinyTokenizer:
 def build_tiny_tokenizer() -> TinyTokenizer:
     """Train the BPE on the embedded corpus (deterministic: same corpus, same merges)."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        # DeepSeek-style: numbers in groups of up to three digits, CJK runs apart from Latin text.
-        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"[\p{Han}\p{Hiragana}\p{Katakana}]+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(pattern), behavior="isolated") for pattern in DEEPSEEK_V3_SPLITS]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TRAINED_VOCAB_SIZE,

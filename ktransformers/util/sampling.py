@@ -6,6 +6,7 @@ penalized logits). Draws use a private `torch.Generator`, so a seed reproduces t
 whatever else uses the global RNG.
 """
 
+import collections
 import math
 import secrets
 from dataclasses import dataclass, fields
@@ -69,41 +70,33 @@ class SamplingParams:
 
 
 class Sampler:
-    """Picks tokens for one sequence; remembers what it has seen for the penalties."""
+    """Picks tokens for one sequence; remembers what it has seen for the penalties.
+
+    Penalties touch only the seen tokens (a gather and a scatter), not the whole vocabulary.
+    """
 
     def __init__(self, params: SamplingParams | None = None, prompt_ids: Iterable[int] = ()):
         self.params = params or SamplingParams(temperature=0.0)
-        self._prompt_ids = [int(t) for t in prompt_ids]
-        self._generated_counts = None  # float tensor [vocab], created on the logits' device
-        self._seen = None  # bool tensor [vocab]: prompt + generated
+        self._seen = dict.fromkeys(int(t) for t in prompt_ids)  # ordered set: prompt + generated
+        self._generated = collections.Counter()
         self._generator = None
-
-    def _state_for(self, logits: torch.Tensor):
-        if self._generated_counts is None or self._generated_counts.device != logits.device:
-            vocab = logits.shape[-1]
-            counts = torch.zeros(vocab, dtype=torch.float32, device=logits.device)
-            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
-            if self._generated_counts is not None:
-                counts.copy_(self._generated_counts)
-                seen.copy_(self._seen)
-            elif self._prompt_ids:
-                seen[torch.tensor(self._prompt_ids, device=logits.device)] = True
-            self._generated_counts, self._seen = counts, seen
-        return self._generated_counts, self._seen
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalized, temperature-scaled, filtered logits [vocab] (filtered entries are -inf)."""
         if logits.dim() != 1:
             raise ValueError(f"Sampler expects logits of shape [vocab], got {tuple(logits.shape)}")
         p = self.params
-        counts, seen = self._state_for(logits)
         scores = logits.float().clone()
-        if p.repetition_penalty != 1.0:
-            penalized = torch.where(scores < 0, scores * p.repetition_penalty,
-                                    scores / p.repetition_penalty)
-            scores = torch.where(seen, penalized, scores)
-        if p.frequency_penalty or p.presence_penalty:
-            scores = scores - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        if p.repetition_penalty != 1.0 and self._seen:
+            ids = torch.tensor(list(self._seen), device=scores.device)
+            picked = scores[ids]
+            scores[ids] = torch.where(picked < 0, picked * p.repetition_penalty,
+                                      picked / p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and self._generated:
+            ids = torch.tensor(list(self._generated), device=scores.device)
+            counts = torch.tensor(list(self._generated.values()), dtype=torch.float32,
+                                  device=scores.device)
+            scores[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if p.greedy:
             return scores
         if p.temperature != 1.0:
@@ -122,14 +115,14 @@ class Sampler:
         if self.params.greedy:
             token = int(torch.argmax(scores))
         else:
-            # Exponential race: argmax(p_i / E_i) with E_i = -log(U_i) ~ Exp(1) picks i with
-            # probability p_i in one pass (torch.multinomial and exponential_ are far slower).
-            probs = torch.softmax(scores, dim=-1)
-            uniform = torch.rand(probs.shape, generator=self._generator_for(scores),
-                                 device=probs.device)
-            token = int(torch.argmax(probs / uniform.log_().neg_()))
-        self._generated_counts[token] += 1
-        self._seen[token] = True
+            # Inverse CDF with one uniform draw: the first token whose cumulative probability
+            # reaches x in (0, total] (filtered tokens add nothing, so they are never hit).
+            cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
+            uniform = torch.rand(1, generator=self._generator_for(scores), device=cdf.device)
+            x = (uniform * cdf[-1]).clamp_min(torch.finfo(cdf.dtype).tiny)
+            token = int(torch.searchsorted(cdf, x))
+        self._seen[token] = None
+        self._generated[token] += 1
         return token
 
     def _generator_for(self, scores: torch.Tensor) -> torch.Generator:

@@ -87,6 +87,8 @@ def prefill_and_generate(
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__}")
     max_context = int(model.max_context)
     if len(prompt_ids) >= max_context:
         raise ContextLengthError(len(prompt_ids), max_context)
