@@ -16,8 +16,8 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -50,8 +50,9 @@ def rates(start: float, text_times: list[float], tokens: int) -> tuple[float, fl
 def run_direct(loaded, max_new_tokens: int):
     ids = build_prompt_ids(loaded.tokenizer, MESSAGES)
     start, times = time.perf_counter(), []
-    for event in prefill_and_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens,
-                                      sampling=SamplingParams(temperature=0.0)):
+    sampling = SamplingParams.from_generation_config(loaded.generation_config, temperature=0.0)
+    for event in prefill_and_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens, sampling=sampling,
+                                      generation_config=loaded.generation_config):   # as the server calls it
         if isinstance(event, FinishEvent):
             return rates(start, times, event.completion_tokens)
         if event.reasoning or event.content:
@@ -78,15 +79,6 @@ def run_api(url: str, max_new_tokens: int):
     return rates(start, times, usage["completion_tokens"])
 
 
-def on_thread(fn, *args):
-    """Run `fn` on a fresh thread, as the engine's worker does, so both paths run alike."""
-    out = []
-    worker = threading.Thread(target=lambda: out.append(fn(*args)))
-    worker.start()
-    worker.join()
-    return out[0]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf_path")
@@ -106,10 +98,14 @@ def main() -> None:
     settings = ServerSettings(max_context=int(loaded.model.max_context))
     results = {"direct": [], "api": []}
     with BackgroundServer(create_app(engine, settings)) as url:
-        on_thread(run_direct, loaded, 4)          # warm-up
+        # direct runs on one long-lived thread, like the engine's worker, so both paths run alike
+        direct_thread = ThreadPoolExecutor(max_workers=1)
+        direct_thread.submit(run_direct, loaded, args.max_new_tokens).result()   # warm-up: first runs are slow
+        run_api(url, args.max_new_tokens)
         for _ in range(args.runs):                # interleave so drift hits both equally
-            results["direct"].append(on_thread(run_direct, loaded, args.max_new_tokens))
+            results["direct"].append(direct_thread.submit(run_direct, loaded, args.max_new_tokens).result())
             results["api"].append(run_api(url, args.max_new_tokens))
+        direct_thread.shutdown()
     engine.stop()
 
     print(f"model: {args.gguf_path}  max_new_tokens={args.max_new_tokens}  runs={args.runs} (median)")

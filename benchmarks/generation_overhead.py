@@ -58,7 +58,8 @@ def time_detokenizer(n_tokens: int) -> tuple[float, int]:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
                             trainers.BpeTrainer(vocab_size=300,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                show_progress=False))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     ids = fast.encode("深度求索 the answer 你好世界 🙂 " * 200, add_special_tokens=False)[:n_tokens]
     detok = IncrementalDetokenizer(fast)

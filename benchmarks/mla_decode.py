@@ -22,6 +22,7 @@ from ktransformers.gguf import GGMLType, QuantTensor
 from ktransformers.models.config import DeepseekConfig
 from ktransformers.models.layers import RMSNorm
 from ktransformers.models.mla import AbsorbedKVB, MLAttention
+from ktransformers.models.rope import RopeTable
 from ktransformers.operators.linear import TorchLinear
 
 V3 = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
@@ -86,7 +87,8 @@ def timed(fn, device, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def copy_bandwidth(device, nbytes=1 << 30):
+def copy_bandwidth(device):
+    nbytes = 1 << (30 if device.type == "cuda" else 28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     seconds = timed(lambda: dst.copy_(src), device, 5)
@@ -114,7 +116,7 @@ def main():
                          **sizes)
     weights = RandomWeights(cfg, device, dtype)
     max_context = max(args.context) + 1
-    attn = MLAttention(cfg, weights, "model.layers.0.self_attn", max_context)
+    attn = MLAttention(cfg, weights, "model.layers.0.self_attn", max_context, RopeTable(cfg, max_context))
     element = torch.tensor([], dtype=dtype).element_size()
     attn.kv_cache.normal_()
     bandwidth = copy_bandwidth(device)
@@ -131,8 +133,7 @@ def main():
         query = torch.randn(cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
                             dtype=dtype)
         keys = attn.kv_cache[:context + 1]
-        positions = torch.tensor([context], device=device)
-        core = timed(lambda: attn._attend(query, keys, keys[:, :cfg.kv_lora_rank], positions), device, args.repeats)
+        core = timed(lambda: attn._attend(query, keys, keys[:, :cfg.kv_lora_rank], context, 1), device, args.repeats)
         core_rate = cache_bytes / core / 1e9
         print(f"{context:>8} {step * 1e3:>9.3f} {step_rate:>10.1f} {100 * step_rate / bandwidth:>5.0f}% "
               f"{core * 1e3:>9.3f} {core_rate:>10.1f} {100 * core_rate / bandwidth:>5.0f}%")

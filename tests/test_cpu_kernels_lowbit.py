@@ -1,7 +1,6 @@
 """Low-bit native dot kernels (IQ1_S ... IQ4_XS) against gguf.quants.dequantize as the oracle.
 
-Every case draws fresh random weight blocks (all bit patterns are valid in these formats; only
-the fp16 scale fields are set to small finite values) and fresh activations, runs them through
+Every case draws fresh random weight blocks and activations, runs them through
 the public `ktransformers.kernels.quant_linear` on every ISA this CPU offers, and compares with
 dequantize(bytes) @ x in float64.
 """
@@ -12,6 +11,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants
 
 from ktransformers import kernels
+from ktransformers.gguf import random_quant_bytes
 
 if not kernels.available():
     pytest.fail(f"native kernels unavailable: {kernels.unavailable_reason()}", pytrace=False)
@@ -39,14 +39,18 @@ def _set_scales(blocks: np.ndarray, ggml_type, rng) -> None:
 
 
 def random_weights(ggml_type, rows: int, cols: int, rng) -> np.ndarray:
-    """rows x cols weights of raw blocks; row 0 has all quant bits 0, row 1 all 1 (extremes)."""
+    """rows x cols weights of raw blocks: row 0 has every non-scale bit 0, row 1 every bit 1
+    (extreme codes and sub-scales), rows 2-3 uniformly random bytes (all bit patterns are valid
+    in these formats), both with random finite fp16 scales; the rest from random_quant_bytes."""
     block_elems, block_bytes = GGML_QUANT_SIZES[ggml_type]
     raw = rng.integers(0, 256, (rows, cols // block_elems, block_bytes), dtype=np.uint8)
     raw[0] = 0x00
     raw[1] = 0xFF
-    flat = raw.reshape(-1, block_bytes)
-    _set_scales(flat, ggml_type, rng)
-    return flat.reshape(rows, -1)
+    crafted = raw[:4].reshape(-1, block_bytes)
+    _set_scales(crafted, ggml_type, rng)
+    raw[:4] = crafted.reshape(4, -1, block_bytes)
+    raw[4:] = random_quant_bytes(ggml_type, (rows - 4, cols), rng, scale=0.02).reshape(rows - 4, -1, block_bytes)
+    return raw.reshape(rows, -1)
 
 
 def random_activations(m: int, cols: int, rng) -> np.ndarray:
@@ -132,10 +136,10 @@ def test_iq_tables_init_is_idempotent_and_checks_input():
     for name, data in tables.items():
         _cpu.init_iq_table(name, data)
     rng = np.random.default_rng()
-    raw = random_weights(T.IQ2_XXS, 2, 256, rng)
+    raw = random_weights(T.IQ2_XXS, 6, 256, rng)
     x = random_activations(1, 256, rng)
     q, d = quantize_like_kernel(x)
     x_q = (np.repeat(d, 32, axis=1) * q).astype(np.float32)
     w = quants.dequantize(raw, T.IQ2_XXS).astype(np.float64)
-    err = np.abs(run_kernel(x_q, raw, T.IQ2_XXS, 2, 256) - x_q.astype(np.float64) @ w.T)
+    err = np.abs(run_kernel(x_q, raw, T.IQ2_XXS, 6, 256) - x_q.astype(np.float64) @ w.T)
     assert (err <= 1e-5 * (np.abs(x_q) @ np.abs(w).T)).all()

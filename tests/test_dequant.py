@@ -180,7 +180,18 @@ def test_bad_raw_kinds_are_reported():
 
 def test_bad_out_buffer_is_reported():
     raw = bytes(18)
-    with pytest.raises(ValueError, match="out must be a contiguous CPU float tensor of 1x32"):
+    with pytest.raises(ValueError, match="out must be a contiguous float tensor of 1x32 elements on cpu"):
         dequantize_rows(raw, "Q4_0", 1, 32, out=torch.empty(1, 16))
     with pytest.raises(ValueError, match="out must be"):
         dequantize_rows(raw, "Q4_0", 1, 32, out=torch.empty(32, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_cuda_decoding_matches_cpu(qtype):
+    rng = np.random.default_rng(2000 + qtype.value)
+    shape = shapes_for(qtype)[-1]
+    raw = random_bytes_with_finite_scales(qtype, shape, rng)
+    on_gpu = dequantize(torch.from_numpy(raw).cuda(), qtype, shape)
+    assert on_gpu.is_cuda
+    assert torch.equal(on_gpu.cpu(), dequantize(raw, qtype, shape))

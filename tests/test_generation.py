@@ -20,7 +20,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         special_tokens=[BOS, EOS, "<｜User｜>", "<｜Assistant｜>"])
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog. hello world, "
                              "this is a test of streaming text. the answer is"] * 20, trainer)

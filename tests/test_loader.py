@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 import ktransformers.operators.registry as registry
@@ -71,6 +72,15 @@ def test_gguf_metadata_gives_the_hf_config(tiny_model, arch):
     assert from_gguf.to_dict() == from_hf.to_dict()
     assert from_gguf.scoring_func == ("sigmoid" if arch == "deepseek_v3" else "softmax")
     assert from_gguf.rope_scaling["factor"] == 4.0 and from_gguf.rope_scaling["mscale_all_dim"] == pytest.approx(1.0)
+
+
+def test_config_saved_by_transformers_5_reads_the_same(tiny_model, tmp_path):
+    """transformers 5 writes rope_parameters {rope_type, rope_theta, ...} instead of rope_scaling + rope_theta."""
+    model_dir = tiny_model()
+    transformers.AutoConfig.from_pretrained(model_dir).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.get("rope_scaling") is None and saved["rope_parameters"]["rope_type"] == "yarn"
+    assert load_hf_config(tmp_path) == load_hf_config(model_dir)
 
 
 def test_split_gguf_gives_same_logits(tiny_model, rules):

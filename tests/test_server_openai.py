@@ -11,6 +11,7 @@ import pytest
 import requests
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from jsonschema import Draft202012Validator, ValidationError
 from openapi_spec_validator import validate as validate_openapi
 
 from ktransformers.server.settings import ServerSettings
@@ -214,3 +215,40 @@ def test_openapi_document_is_valid(srv):
     chat_schema = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert chat_schema == {"$ref": "#/components/schemas/ChatCompletionRequest"}
     assert "max_completion_tokens" in doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+
+
+def test_real_responses_match_the_documented_schemas(srv):
+    doc = requests.get(srv.url + "/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).json()
+
+    def check(instance, name):
+        Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]}).validate(instance)
+
+    chat = {"model": "tiny-r1", "max_tokens": 3, "messages": [{"role": "user", "content": "doc"}]}
+    check(post(srv, "/v1/chat/completions", chat).json(), "ChatCompletion")
+    for payload in sse_payloads(post(srv, "/v1/chat/completions", {**chat, "stream": True,
+                                                                    "stream_options": {"include_usage": True}}))[:-1]:
+        check(payload, "ChatCompletionChunk")
+    for payload in sse_payloads(post(srv, "/v1/completions", {"prompt": "doc", "max_tokens": 2, "stream": True}))[:-1]:
+        check(payload, "Completion")
+    check(post(srv, "/v1/completions", {"prompt": "doc", "max_tokens": 2}).json(), "Completion")
+    check(requests.get(srv.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).json(),
+          "ModelList")
+    with pytest.raises(ValidationError):        # the schemas do constrain: a wrong object type fails
+        check({**post(srv, "/v1/chat/completions", chat).json(), "object": "chat.completion.chunk"}, "ChatCompletion")
+
+
+def test_server_wide_options_force_think_and_think_tags():
+    settings = ServerSettings(model_name="m", force_think=True, reasoning_format="think_tags")
+    with scripted_server(settings=settings) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=10)
+        reply = client.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "gnu"}])
+        assert server.generator.requests[-1].force_think is True
+        assert reply.choices[0].message.content == "<think>hmm0 hmm1 </think>gnu.0 "
+        assert "reasoning_content" not in reply.choices[0].message.model_extra
+        ollama_reply = requests.post(server.url + "/api/chat", timeout=5, json={
+            "model": "m", "stream": False, "options": {"num_predict": 3},
+            "messages": [{"role": "user", "content": "gnu"}]}).json()
+        assert ollama_reply["message"]["content"] == "<think>hmm0 hmm1 </think>gnu.0 "
+        deepseek = client.chat.completions.create(model="m", max_tokens=3, messages=[{"role": "user", "content": "gnu"}],
+                                                  extra_body={"reasoning_format": "deepseek"})
+        assert deepseek.choices[0].message.model_extra["reasoning_content"] == "hmm0 hmm1 "

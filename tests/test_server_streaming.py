@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import requests
 
+from ktransformers.server.app import create_app
 from ktransformers.server.settings import ServerSettings
 from ktransformers.server.testing import scripted_server
 
@@ -95,6 +96,16 @@ def test_disconnect_while_blocked_in_stream_write_path_also_cancels():
         wait_for(lambda: not srv.engine.busy)
         assert len(srv.generator.closed_early) == 1
         assert srv.generator.closed_early[0][1] < 1000
+
+
+def test_disconnect_during_non_streaming_generation_cancels_it():
+    with scripted_server(token_delay_s=0.002) as srv:
+        sock = open_stream(srv.url, "/v1/chat/completions", chat_body("quiet", max_tokens=100_000, stream=False))
+        wait_for(lambda: srv.engine.busy)
+        time.sleep(0.1)                                   # tokens are flowing, nothing is sent yet
+        sock.close()
+        wait_for(lambda: not srv.engine.busy)
+        assert len(srv.generator.closed_early) == 1 and srv.generator.closed_early[0][1] < 100_000
 
 
 def test_full_queue_answers_503_with_retry_after():
@@ -199,3 +210,17 @@ def test_one_log_line_per_request_with_tokens_and_timings(caplog):
     assert len(lines) == 1
     assert "POST /v1/chat/completions" in lines[0] and "prompt_tokens=2 completion_tokens=6" in lines[0]
     assert "decode=" in lines[0] and "tok/s" in lines[0] and "finish=length" in lines[0]
+
+
+def test_stream_closed_before_its_first_byte_still_cancels_the_job():
+    """A WSGI server may close the body without iterating it (client gone before headers went out)."""
+    with scripted_server(token_delay_s=0.002) as srv:
+        app = create_app(srv.engine, srv.settings)
+        for path, body in [("/v1/chat/completions", chat_body("never", max_tokens=100_000)),
+                           ("/api/chat", {"model": "scripted", "messages": [{"role": "user", "content": "never"}],
+                                          "options": {"num_predict": 100_000}})]:
+            response = app.test_client().post(path, json=body, buffered=False)
+            assert response.status_code == 200
+            response.close()
+            wait_for(lambda: not srv.engine.busy)
+        assert [n < 100_000 for _, n in srv.generator.closed_early] == [True, True]

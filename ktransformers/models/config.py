@@ -8,7 +8,7 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,6 @@ class DeepseekConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     hidden_act: str = "silu"
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def qk_head_dim(self) -> int:
@@ -99,7 +98,7 @@ class DeepseekConfig:
         return dataclasses.asdict(self)
 
 
-def _normalize_rope_scaling(raw: dict | None, max_position_embeddings: int, source: str) -> dict | None:
+def _normalize_rope_scaling(raw: dict | None, source: str) -> dict | None:
     """Accept old (`rope_scaling: {type: yarn}`) and transformers-5 (`rope_parameters: {rope_type}`) spellings."""
     if not raw:
         return None
@@ -136,7 +135,7 @@ def config_from_hf_dict(d: dict, source: str = "config.json") -> DeepseekConfig:
     rope_params = d.get("rope_parameters") or {}
     rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     max_pos = d.get("max_position_embeddings", 4096)
-    rope_scaling = _normalize_rope_scaling(d.get("rope_scaling") or rope_params, max_pos, source)
+    rope_scaling = _normalize_rope_scaling(d.get("rope_scaling") or rope_params, source)
     n_routed = d.get("n_routed_experts") or 0
     # transformers' V3 always gates with sigmoid + grouped top-k and its V2 always with softmax,
     # whatever scoring_func/topk_method say; follow the model type the same way.
@@ -242,7 +241,7 @@ def config_from_gguf(metadata: dict, tensor_names, source: str) -> DeepseekConfi
             "beta_slow": _f32(key(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
             "mscale": mscale_all_dim,
             "mscale_all_dim": mscale_all_dim,
-        }, 0, source)
+        }, source)
 
     vocab = key(Keys.LLM.VOCAB_SIZE, None) or len(metadata.get(Keys.Tokenizer.LIST, ()))
     cfg = DeepseekConfig(
@@ -251,7 +250,8 @@ def config_from_gguf(metadata: dict, tensor_names, source: str) -> DeepseekConfi
         hidden_size=key(Keys.LLM.EMBEDDING_LENGTH),
         intermediate_size=key(Keys.LLM.FEED_FORWARD_LENGTH),
         moe_intermediate_size=key(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0),
-        num_hidden_layers=key(Keys.LLM.BLOCK_COUNT),
+        # block_count includes multi-token-prediction blocks where a converter kept them; they are not run
+        num_hidden_layers=key(Keys.LLM.BLOCK_COUNT) - key(Keys.LLM.NEXTN_PREDICT_LAYERS, 0),
         num_attention_heads=key(Keys.Attention.HEAD_COUNT),
         kv_lora_rank=key(Keys.Attention.KV_LORA_RANK),
         q_lora_rank=key(Keys.Attention.Q_LORA_RANK, None) or None,

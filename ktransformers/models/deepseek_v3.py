@@ -18,14 +18,15 @@ from torch import nn
 from .config import DeepseekConfig
 from .layers import MLP, MoE, run
 from .mla import MLAttention
+from .rope import RopeTable
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int):
+    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int, rope: RopeTable):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = factory.norm(f"{prefix}.input_layernorm")
-        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context)
+        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context, rope)
         self.post_attention_layernorm = factory.norm(f"{prefix}.post_attention_layernorm")
         self.mlp = MoE(cfg, factory, f"{prefix}.mlp") if cfg.is_moe_layer(index) else MLP(factory, f"{prefix}.mlp")
 
@@ -41,9 +42,10 @@ class DeepseekModel(nn.Module):
     def __init__(self, cfg: DeepseekConfig, factory, max_context: int, progress=None):
         super().__init__()
         self.embed_tokens = factory.embedding("model.embed_tokens")
+        rope = RopeTable(cfg, max_context)
         layers = []
         for i in range(cfg.num_hidden_layers):
-            layers.append(DecoderLayer(cfg, factory, i, max_context))
+            layers.append(DecoderLayer(cfg, factory, i, max_context, rope))
             if progress is not None:
                 progress.update(1)
         self.layers = nn.ModuleList(layers)

@@ -22,8 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -76,8 +75,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = run(self.gate, x)
         p = self.experts.placement
-        routed = self.experts(x.to(p.device, p.dtype), topk_ids.to(p.device), topk_weights.to(p.device))
-        out = routed.to(x.device, x.dtype) * self.routed_scaling_factor
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x).to(x.device, x.dtype)
+        expert_inputs = x.to(p.device, p.dtype), topk_ids.to(p.device), topk_weights.to(p.device)
+        # queued after the hand-off above, so with experts on the CPU and shared experts on the GPU
+        # the GPU computes the shared experts while the CPU computes the routed ones
+        shared = None if self.shared_experts is None else self.shared_experts(x)
+        out = self.experts(*expert_inputs).to(x.device, x.dtype) * self.routed_scaling_factor
+        if shared is not None:
+            out = out + shared.to(x.device, x.dtype)
         return out

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
+from ktransformers import kernels
 from ktransformers.gguf import dequantize, open_gguf
 from ktransformers.optimize.optimize import Rules, default_rules_path
 
@@ -58,7 +59,7 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         when None, config, tokenizer and chat template are rebuilt from the GGUF metadata.
     optimize_config_path: placement rules YAML; default DeepSeek-V3-Chat.yaml with a GPU, else -cpu.yaml.
     device: the cuda device that rules saying "cuda" mean (default cuda when available, else cpu).
-    cpu_infer: CPU threads for the CPU-side work (torch intra-op threads).
+    cpu_infer: CPU threads for the CPU-side work (torch's and the native kernels' thread pools).
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -76,7 +77,7 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     rules_path = optimize_config_path or default_rules_path(device.type == "cuda")
     rules = Rules.from_file(rules_path, cuda_device=str(device) if device.type == "cuda" else "cuda")
     if cpu_infer:
-        torch.set_num_threads(int(cpu_infer))
+        _set_cpu_threads(int(cpu_infer))
 
     factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
@@ -90,6 +91,14 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         tokenizer = tokenizer_from_gguf(gguf_model.metadata, gguf_source)
         generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     return LoadedModel(model, tokenizer, cfg, generation_config)
+
+
+def _set_cpu_threads(n: int):
+    if n <= 0:
+        raise ValueError(f"cpu_infer must be a positive thread count, got {n}")
+    torch.set_num_threads(n)
+    if kernels.available():
+        kernels.set_num_threads(n)
 
 
 def _generation_config_from_dir(model_path, cfg: DeepseekConfig) -> GenerationConfig:

@@ -10,12 +10,11 @@ and the latent-space output is mapped to values through W_UV:
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
-from .rope import RotaryEmbedding
+from .rope import RopeTable
 
 # Score-matrix elements per attention call; longer prefill chunks are split into query blocks.
 MAX_SCORE_ELEMENTS = 1 << 26
@@ -34,7 +33,7 @@ class AbsorbedKVB(nn.Module):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int):
+    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable):
         super().__init__()
         place = factory.placement(prefix)
         self.device, self.dtype = place.device, place.dtype
@@ -53,7 +52,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = factory.norm(f"{prefix}.kv_a_layernorm")
         self.kv_b_proj = factory.kv_b(f"{prefix}.kv_b_proj")
         self.o_proj = factory.linear(f"{prefix}.o_proj")
-        self.rotary_emb = RotaryEmbedding(cfg, self.device)
+        self.rope = rope  # shared by all layers: a plain attribute, not a submodule
         # compressed cache, one row per position: [normalized latent | rotated rope key]
         self.register_buffer("kv_cache", torch.zeros(max_context, self.kv_lora_rank + self.rope_dim,
                                                      device=self.device, dtype=self.dtype), persistent=False)
@@ -69,35 +68,37 @@ class MLAttention(nn.Module):
         """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""
         n_tokens = x.shape[0]
         end = start_pos + n_tokens
-        positions = torch.arange(start_pos, end, device=self.device)
-        cos, sin = self.rotary_emb.cos_sin(positions)
+        rotations = self.rope.rotations(start_pos, end, self.device)
 
         q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = self.rotary_emb(q_rope, cos, sin)
+        q_rope = self.rope.apply(q_rope, rotations)
         compressed = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype)
         latent, k_rope = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         self.kv_cache[start_pos:end, :self.kv_lora_rank] = run(self.kv_a_layernorm, latent).to(self.device,
                                                                                                  self.dtype)
-        self.kv_cache[start_pos:end, self.kv_lora_rank:] = self.rotary_emb(k_rope, cos, sin)
+        self.kv_cache[start_pos:end, self.kv_lora_rank:] = self.rope.apply(k_rope, rotations)
 
-        # all heads share one latent key/value, so attend as a single head over T*H query rows
-        q_latent = torch.einsum("thn,hnc->thc", q_nope, self.kv_b_proj.w_uk)
-        query = torch.cat([q_latent, q_rope], dim=-1).reshape(n_tokens * self.n_heads, -1)
+        # all heads share one latent key/value, so attend as a single head over H*T query rows
+        # (ordered head-major, so the per-head matmuls below need no transposed weight copies)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.kv_b_proj.w_uk)  # [H, T, kv_lora]
+        query = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(self.n_heads * n_tokens, -1)
         keys = self.kv_cache[:end]
-        out_latent = self._attend(query, keys, keys[:, :self.kv_lora_rank], positions)
-        out = torch.einsum("thc,hvc->thv", out_latent.view(n_tokens, self.n_heads, -1), self.kv_b_proj.w_uv)
-        return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim))
+        out_latent = self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens)
+        out = torch.bmm(out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv.transpose(1, 2))
+        return run(self.o_proj, out.transpose(0, 1).reshape(n_tokens, self.n_heads * self.v_dim))
 
-    def _attend(self, query, keys, values, positions):
-        """Causal softmax attention of query rows ordered (token, head) over cache rows 0..end-1."""
-        rows_per_block = max(self.n_heads, MAX_SCORE_ELEMENTS // keys.shape[0] // self.n_heads * self.n_heads)
+    def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
+        """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""
+        n_keys = keys.shape[0]
+        rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
         outputs = []
         for first in range(0, query.shape[0], rows_per_block):
             block = query[first:first + rows_per_block]
-            row_pos = positions.repeat_interleave(self.n_heads)[first:first + rows_per_block]
-            mask = None
-            if int(row_pos.min()) < keys.shape[0] - 1:  # some row must not see the newest keys
-                mask = torch.arange(keys.shape[0], device=self.device)[None, :] <= row_pos[:, None]
-            outputs.append(F.scaled_dot_product_attention(block[None, None], keys[None, None], values[None, None],
-                                                          attn_mask=mask, scale=self.scale)[0, 0])
+            scores = (block @ keys.T).float() * self.scale
+            if n_tokens > 1:  # a prefill chunk: token t must not see the chunk's later keys
+                rows = torch.arange(first, first + block.shape[0], device=self.device)
+                row_pos = start_pos + rows % n_tokens
+                hidden = torch.arange(n_keys, device=self.device)[None, :] > row_pos[:, None]
+                scores.masked_fill_(hidden, float("-inf"))
+            outputs.append(scores.softmax(dim=-1).to(values.dtype) @ values)
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

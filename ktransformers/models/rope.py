@@ -9,7 +9,6 @@ only their dot products matter, so no de-interleaving copy is needed.
 import math
 
 import torch
-from torch import nn
 
 from .config import DeepseekConfig, yarn_mscale
 
@@ -48,27 +47,34 @@ def rope_tables(cfg: DeepseekConfig) -> tuple[torch.Tensor, float]:
     return yarn_inv_freq(dim, cfg.rope_theta, rs), float(magnitude)
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, device=None):
-        super().__init__()
-        inv_freq, self.magnitude = rope_tables(cfg)
-        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+class RopeTable:
+    """Rotations e^{i * pos * inv_freq} (times the YaRN magnitude) for positions 0..max_context-1.
+
+    One table serves every attention layer; a copy is made once per device that asks for it.
+    """
+
+    def __init__(self, cfg: DeepseekConfig, max_context: int):
+        inv_freq, magnitude = rope_tables(cfg)
+        angles = torch.arange(max_context, dtype=torch.float32)[:, None] * inv_freq
         self.interleaved = cfg.rope_interleave
+        self._tables = {torch.device("cpu"): torch.polar(torch.full_like(angles, magnitude), angles)}
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, rope_dim/2] in float32 for integer positions [T]."""
-        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq
-        return angles.cos() * self.magnitude, angles.sin() * self.magnitude
+    def rotations(self, start: int, end: int, device) -> torch.Tensor:
+        """complex64 [end - start, rope_dim / 2]."""
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = self._tables[torch.device("cpu")].to(device)
+        return self._tables[device][start:end]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, ..., rope_dim] (any head dims in between); computed in float32, returned in x.dtype."""
-        shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-        cos, sin = cos.view(shape), sin.view(shape)
+        rot = rotations.view((rotations.shape[0],) + (1,) * (x.dim() - 2) + (rotations.shape[1],))
         xf = x.float()
-        if self.interleaved:
-            even, odd = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-        else:  # rotate-half layout: first half pairs with second half
+        if self.interleaved:  # pairs (x0, x1), (x2, x3), ... are complex numbers
+            pairs = torch.view_as_complex(xf.reshape(*x.shape[:-1], -1, 2))
+            out = torch.view_as_real(pairs * rot).flatten(-2)
+        else:  # rotate-half layout: the first half pairs with the second half
             first, second = xf.chunk(2, dim=-1)
-            out = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+            turned = torch.complex(first, second) * rot
+            out = torch.cat((turned.real, turned.imag), dim=-1)
         return out.to(x.dtype)

@@ -84,12 +84,12 @@ class Job:
         """
         silent_s = 0.0
         while True:
+            if disconnected is not None and disconnected():   # cheap: a flag the server keeps
+                self.cancel()
+                return
             try:
                 item = self._events.get(timeout=poll_s)
             except queue.Empty:
-                if disconnected is not None and disconnected():
-                    self.cancel()
-                    return
                 silent_s += poll_s
                 if ping_s is not None and silent_s >= ping_s:
                     silent_s = 0.0

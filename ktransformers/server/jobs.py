@@ -67,9 +67,10 @@ class RunningJob:
         self._first = None
         try:
             self._first = self._next_real_event()
-        except BaseException as exc:
-            self.close()
-            raise generation_error(exc) from None
+        except Exception as exc:
+            error = generation_error(exc)
+            self.close(outcome=f"error {error.status}: {error.message}")
+            raise error from None
         if self._first is None:
             self.close()
             raise APIError(503, "the request was cancelled before generation started", error_type="server_error")
@@ -99,7 +100,7 @@ class RunningJob:
             self.completion_tokens += 1
         return event
 
-    def close(self) -> None:
+    def close(self, outcome: str = "cancelled") -> None:
         """Cancel the job if it still runs (the client left) and log the request once."""
         if self._job is None:
             return
@@ -114,8 +115,8 @@ class RunningJob:
                      f.prompt_tokens, f.completion_tokens, f.prefill_seconds, f.prefill_tokens_per_s,
                      f.decode_seconds, f.decode_tokens_per_s, wall, f.finish_reason)
         else:
-            log.info("%s id=%s prompt_tokens=%s completion_tokens=%d total=%.3fs finish=cancelled",
-                     self._route, self.gen.request_id, self.prompt_tokens, self.completion_tokens, wall)
+            log.info("%s id=%s prompt_tokens=%s completion_tokens=%d total=%.3fs finish=%s", self._route,
+                     self.gen.request_id, self.prompt_tokens, self.completion_tokens, wall, outcome)
 
 
 def start_job(engine: Engine, gen: GenerationRequest, settings: ServerSettings, ping: bool = False) -> RunningJob:

@@ -110,9 +110,7 @@ def _reply(run: RunningJob, body, formatter: ReasoningFormatter, chat: bool, sta
                     yield ndjson_line({**base, "created_at": _now(), **piece(reasoning, content), "done": False})
         except Exception as exc:
             yield ndjson_line({"error": generation_error(exc).message})
-        finally:
-            run.close()
-    return ndjson_response(lines())
+    return ndjson_response(lines(), run.close)
 
 
 @ollama_routes.post("/api/chat")

@@ -79,7 +79,7 @@ def chat_completions():
             "model": settings.model_name}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return sse_response(_chat_chunks(run, head, formatter, include_usage))
+        return sse_response(_chat_chunks(run, head, formatter, include_usage), run.close)
     reasoning, content, finish = collect(run, formatter)
     message = {"role": "assistant", "content": content}
     if not formatter.inline:
@@ -124,8 +124,6 @@ def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, inc
                     yield chunk(delta)
     except Exception as exc:  # headers are gone: report in-band, as OpenAI does
         yield sse_event(generation_error(exc).openai_body())
-    finally:
-        run.close()
     yield SSE_DONE
 
 
@@ -151,7 +149,8 @@ def completions():
     head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": settings.model_name}
     if body.stream:
-        return sse_response(_completion_chunks(run, head, bool(body.stream_options and body.stream_options.include_usage)))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(_completion_chunks(run, head, include_usage), run.close)
     _, text, finish = collect(run)
     return jsonify({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
                                          "finish_reason": finish.finish_reason}],
@@ -175,8 +174,6 @@ def _completion_chunks(run: RunningJob, head: dict, include_usage: bool):
                 yield chunk(event.text)
     except Exception as exc:
         yield sse_event(generation_error(exc).openai_body())
-    finally:
-        run.close()
     yield SSE_DONE
 
 

@@ -7,6 +7,7 @@ and records what happened (requests seen, generators closed early).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -43,10 +44,13 @@ class ScriptedGenerator:
         text = request.messages[-1]["content"] if request.messages else request.prompt
         return text.split()[-1] if text.split() else "empty"
 
-    def answer(self, request: GenerationRequest) -> tuple[list[str], list[str]]:
-        """The reasoning and content pieces a request with unlimited tokens would get."""
+    def pieces(self, request: GenerationRequest):
+        """Endless (reasoning, content) pieces, one per token: `hmm0 hmm1 ` then `<tag>.0 <tag>.1 ...`."""
         tag = self.tag_of(request)
-        return [f"hmm{i} " for i in range(self.reasoning_words)], [f"{tag}.{i} " for i in range(10_000)]
+        for i in range(self.reasoning_words):
+            yield f"hmm{i} ", ""
+        for i in itertools.count():
+            yield "", f"{tag}.{i} "
 
     def __call__(self, request: GenerationRequest):
         return self._generate(request)
@@ -58,11 +62,9 @@ class ScriptedGenerator:
         if prompt_tokens >= self.max_context:
             raise ContextLengthError(prompt_tokens, self.max_context)
         yield PromptAccepted(prompt_tokens)
-        reasoning, content = self.answer(request)
         count, finish_reason, started = 0, "length", time.perf_counter()
-        pieces = [(r, "") for r in reasoning] + [("", c) for c in content]
         try:
-            for r, c in pieces[:request.max_new_tokens]:
+            for r, c in itertools.islice(self.pieces(request), request.max_new_tokens):
                 if self.permits is not None:
                     self.permits.acquire()
                 if self.token_delay_s:

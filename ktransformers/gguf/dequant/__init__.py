@@ -29,9 +29,10 @@ LAYOUTS = {
     GGMLType[name]: getattr(module, name) for module in (legacy, kquants, iquants) for name in module.DECODERS
 }
 
-# Elements decoded per step: large enough to amortize the per-op overhead, small enough that the
-# few temporaries of a step stay in cache.
+# Elements decoded per step on the CPU: large enough to amortize torch's per-op overhead, small
+# enough that the temporaries of a step (a few times 2 MB) stay in cache. GPUs take big steps.
 CHUNK_ELEMENTS = 1 << 19
+GPU_CHUNK_ELEMENTS = 1 << 24
 
 RawBytes = torch.Tensor | np.ndarray | bytes | bytearray | memoryview
 
@@ -70,7 +71,10 @@ def dequantize_rows(
     out: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Decode `n_rows` rows of `n_cols` elements into `out` (or a new [n_rows, n_cols] tensor of `dtype`)."""
+    """Decode `n_rows` rows of `n_cols` elements into `out` (or a new [n_rows, n_cols] tensor of `dtype`).
+
+    Decoding runs where `raw` lives: pass a CUDA uint8 tensor (and a CUDA `out`) to decode on the GPU.
+    """
     qtype, decode = decoder_for(ggml_type)
     elements, block_bytes = block_info(qtype)
     if n_rows < 0 or n_cols < 0:
@@ -85,15 +89,18 @@ def dequantize_rows(
             f"({n_blocks} blocks of {block_bytes}), got {data.numel()}"
         )
     if out is None:
-        out = torch.empty(n_rows, n_cols, dtype=dtype)
-    elif out.numel() != n_rows * n_cols or not out.is_contiguous() or not out.is_floating_point() or out.device.type != "cpu":
-        raise ValueError(f"out must be a contiguous CPU float tensor of {n_rows}x{n_cols} elements, got {out.dtype} {tuple(out.shape)}")
+        out = torch.empty(n_rows, n_cols, dtype=dtype, device=data.device)
+    elif out.numel() != n_rows * n_cols or not out.is_contiguous() or not out.is_floating_point() or out.device != data.device:
+        raise ValueError(
+            f"out must be a contiguous float tensor of {n_rows}x{n_cols} elements on {data.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
 
     blocks = data.view(n_blocks, block_bytes)
     dest = out.view(n_blocks, elements)
-    step = max(1, CHUNK_ELEMENTS // elements)
+    step = max(1, (CHUNK_ELEMENTS if data.device.type == "cpu" else GPU_CHUNK_ELEMENTS) // elements)
     # decoders produce float32; other output dtypes go through one reused scratch buffer
-    scratch = None if out.dtype == torch.float32 else torch.empty(min(step, n_blocks), elements)
+    scratch = None if out.dtype == torch.float32 else torch.empty(min(step, n_blocks), elements, device=data.device)
     for start in range(0, n_blocks, step):
         stop = min(start + step, n_blocks)
         target = dest[start:stop] if scratch is None else scratch[: stop - start]

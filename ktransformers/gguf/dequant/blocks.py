@@ -69,12 +69,25 @@ def bit_planes(field: torch.Tensor, bits: int, rows: int = 1, dtype: torch.dtype
     n = field.shape[0]
     packed = field.contiguous()
     mask = (1 << bits) - 1
-    planes = []
-    for shift in range(0, 8, bits):
-        plane = packed >> shift if shift else packed
-        plane = plane & mask if shift + bits < 8 else plane
-        planes.append(plane.to(dtype).view(n, rows, 1, -1))
-    return torch.cat(planes, dim=2)
+    codes = torch.empty(n, rows, 8 // bits, field.shape[1] // rows, dtype=dtype, device=field.device)
+    for plane, shift in enumerate(range(0, 8, bits)):
+        values = packed >> shift if shift else packed
+        values = values & mask if shift + bits < 8 else values
+        codes[:, :, plane].copy_(values.view(n, rows, -1))  # converts while scattering into place
+    return codes
+
+
+_PLACED: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def placed(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A cached constant tensor on `device` (copied there once), so decoding also runs on GPUs."""
+    if table.device == device:
+        return table
+    key = (id(table), device)  # the constants live as long as the process, so ids stay unique
+    if key not in _PLACED:
+        _PLACED[key] = table.to(device)
+    return _PLACED[key]
 
 
 def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -83,7 +96,7 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns [*index] or [*index, width]. (index_select is the fast gather here; a 1-D table beats
     a [rows, 1] one several times over.)
     """
-    found = torch.index_select(table, 0, index.int().reshape(-1))
+    found = torch.index_select(placed(table, index.device), 0, index.int().reshape(-1))
     return found.view(*index.shape, *table.shape[1:])
 
 

@@ -10,7 +10,7 @@ import gguf.quants
 import numpy as np
 import torch
 
-from .blocks import Layout, as_dtype, bit_planes, expand_bits, f16, lookup, u16
+from .blocks import Layout, as_dtype, bit_planes, expand_bits, f16, lookup, placed, u16
 
 IQ2_XXS = Layout("IQ2_XXS", d=2, qs=64)
 IQ2_XS = Layout("IQ2_XS", d=2, qs=64, scales=8)
@@ -61,7 +61,7 @@ _SIGN_SHIFTS = torch.tensor([0, 7, 14, 21], dtype=torch.int32)
 
 def _packed_signs_and_scale(aux: torch.Tensor, d: torch.Tensor, step: float):
     """IQ2_XXS/IQ3_XXS: a 32-bit word = four 7-bit ksigns indices + a 4-bit scale on top."""
-    signs = lookup(sign_table(), (aux.unsqueeze(-1) >> _SIGN_SHIFTS) & 0x7F)
+    signs = lookup(sign_table(), (aux.unsqueeze(-1) >> placed(_SIGN_SHIFTS, aux.device)) & 0x7F)
     scale = d * (((aux >> 28) & 0x0F).float() + 0.5) * step
     return signs, scale
 
@@ -121,7 +121,7 @@ def dequant_iq1_s(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     # one 16-bit word per 32 values: 4 x 3 high index bits, a 3-bit scale, the delta's sign
     qh = u16(IQ1_S(blocks, "qh"))
-    index = IQ1_S(blocks, "qs").view(n, 8, 4).int() | (((qh.unsqueeze(-1) >> _IQ1_SHIFTS) & 7) << 8)
+    index = IQ1_S(blocks, "qs").view(n, 8, 4).int() | (((qh.unsqueeze(-1) >> placed(_IQ1_SHIFTS, qh.device)) & 7) << 8)
     scale = f16(IQ1_S(blocks, "d")) * (((qh >> 12) & 7) * 2 + 1).float()
     delta = torch.where(qh & 0x8000 == 0, IQ1_DELTA, -IQ1_DELTA)
     values = lookup(grid("IQ1_S"), index) + delta.view(n, 8, 1, 1)
@@ -138,7 +138,7 @@ def _iq1_m_super_scale(packed: torch.Tensor) -> torch.Tensor:
 def dequant_iq1_m(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     packed = IQ1_M(blocks, "scales")
-    sub_scales = ((u16(packed).unsqueeze(-1) >> _IQ1_SHIFTS) & 7).view(n, 16)
+    sub_scales = ((u16(packed).unsqueeze(-1) >> placed(_IQ1_SHIFTS, packed.device)) & 7).view(n, 16)
     scale = _iq1_m_super_scale(packed) * (sub_scales * 2 + 1).float()
     # per group of 8: a nibble with 3 high index bits and the delta's sign
     high = bit_planes(IQ1_M(blocks, "qh"), 4, rows=16, dtype=torch.int32).view(n, 32)
@@ -153,10 +153,13 @@ def dequant_iq4_nl(blocks: torch.Tensor, out: torch.Tensor) -> None:
     torch.mul(f16(IQ4_NL(blocks, "d")), levels, out=out)
 
 
+_IQ4_XS_SHIFTS = torch.arange(0, 16, 2, dtype=torch.int32)
+
+
 def dequant_iq4_xs(blocks: torch.Tensor, out: torch.Tensor) -> None:
     n = blocks.shape[0]
     low = bit_planes(IQ4_XS(blocks, "scales_l"), 4, rows=4, dtype=torch.int32).view(n, 8)
-    high = (u16(IQ4_XS(blocks, "scales_h")) >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3
+    high = (u16(IQ4_XS(blocks, "scales_h")) >> placed(_IQ4_XS_SHIFTS, blocks.device)) & 3
     scale = f16(IQ4_XS(blocks, "d")) * ((low | (high << 4)) - 32).float()
     levels = _iq4_levels(IQ4_XS(blocks, "qs"), rows=8).view(n, 8, 32)
     torch.mul(scale.view(n, 8, 1), levels, out=out.view(n, 8, 32))

@@ -26,6 +26,11 @@ struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; };
 // activation row.
 using RowDot = float (*)(const uint8_t* w, const Q8Row& x, int64_t n);
 
+// Optional (framework types only): one weight row against nx <= kMultiRows activation rows at
+// once, out[j] = dot(w, x[j]); the weight blocks are decoded once for all rows (prefill).
+constexpr int kMultiRows = 4;
+using RowDotMulti = void (*)(const uint8_t* w, const Q8Row* x, int nx, float* out, int64_t n);
+
 // Float weights (F32/F16/BF16) take float activations: no activation quantization error.
 using FloatRowDot = float (*)(const uint8_t* w, const float* x, int64_t n);
 

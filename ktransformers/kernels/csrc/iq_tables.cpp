@@ -7,6 +7,8 @@
 namespace kt::iq {
 
 alignas(64) uint64_t iq1s_grid[2048];
+alignas(64) uint64_t iq1s_grid_u8[2048];
+alignas(64) uint64_t iq1m_grid_delta[4096];
 alignas(64) uint64_t iq2xxs_grid[256];
 alignas(64) uint64_t iq2xs_grid[512];
 alignas(64) uint32_t iq3xxs_grid[256];
@@ -33,6 +35,22 @@ uint64_t expand_signs(uint8_t bits) {
     return out;
 }
 
+// The kernel-friendly forms of the IQ1 grid (see iq_tables.h).
+void derive_iq1_grids() {
+    for (int i = 0; i < 2048; ++i) {
+        int8_t grid[8], plus1[8], low_delta[8], high_delta[8];
+        std::memcpy(grid, &iq1s_grid[i], 8);
+        for (int e = 0; e < 8; ++e) {
+            plus1[e] = int8_t(grid[e] + 1);
+            low_delta[e] = int8_t(8 * grid[e] + 1);   // delta bit clear: +1/8
+            high_delta[e] = int8_t(8 * grid[e] - 1);  // delta bit set: -1/8
+        }
+        std::memcpy(&iq1s_grid_u8[i], plus1, 8);
+        std::memcpy(&iq1m_grid_delta[i], low_delta, 8);
+        std::memcpy(&iq1m_grid_delta[2048 + i], high_delta, 8);
+    }
+}
+
 void* destination(int index) {
     switch (index) {
         case 0: return iq1s_grid;
@@ -57,6 +75,7 @@ void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbyt
                                         std::to_string(nbytes));
         if (void* dst = destination(i)) {
             std::memcpy(dst, data, nbytes);
+            if (dst == iq1s_grid) derive_iq1_grids();
         } else {
             for (int s = 0; s < 128; ++s) sign_pm1[s] = expand_signs(data[s]);
         }

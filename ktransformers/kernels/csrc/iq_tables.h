@@ -11,6 +11,10 @@ namespace kt::iq {
 
 // Each uint64 is one grid entry of 8 bytes, loadable into a vector lane in one go.
 alignas(64) extern uint64_t iq1s_grid[2048];   // int8 values in {-1, 0, 1} (IQ1_S and IQ1_M)
+// Derived from iq1s_grid when it is stored: IQ1_S's grid + 1 (uint8 in {0, 1, 2}) and
+// IQ1_M's grid with its delta folded in: entry (delta_bit << 11 | i) = 8 * grid[i] + (bit ? -1 : +1).
+alignas(64) extern uint64_t iq1s_grid_u8[2048];
+alignas(64) extern uint64_t iq1m_grid_delta[4096];
 alignas(64) extern uint64_t iq2xxs_grid[256];  // uint8 magnitudes in {8, 25, 43}
 alignas(64) extern uint64_t iq2xs_grid[512];   // uint8 magnitudes in {8, 25, 43}
 alignas(64) extern uint32_t iq3xxs_grid[256];  // 4 uint8 magnitudes in {4, ..., 62}

@@ -7,6 +7,7 @@ namespace kt {
 struct KernelSet {
     const char* isa = nullptr;
     RowDot dot[kMaxGGMLType] = {};            // quantized weights x Q8Row activations
+    RowDotMulti dot_multi[kMaxGGMLType] = {};  // optional multi-row forms of dot (prefill)
     FloatRowDot float_dot[kMaxGGMLType] = {};  // F32/F16/BF16 weights x float activations
     double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;
 };

@@ -31,10 +31,27 @@ struct Activations {
         if (is_float_type(type)) float_dot = k->float_dot[type];
         else {
             dot = k->dot[type];
+            multi = k->dot_multi[type];
             q = quantize_rows(rows_x, rows, cols);
         }
     }
-    float operator()(const uint8_t* w, int64_t r) const { return dot ? dot(w, q.row(r), n) : float_dot(w, x + r * n, n); }
+    RowDotMulti multi = nullptr;
+
+    // out[i] = w . row[rows[i]] for i < count; several rows share one decode of w when possible.
+    void dots(const uint8_t* w, const int64_t* rows, int64_t count, float* out) const {
+        if (!dot) {
+            for (int64_t i = 0; i < count; ++i) out[i] = float_dot(w, x + rows[i] * n, n);
+        } else if (!multi || count == 1) {
+            for (int64_t i = 0; i < count; ++i) out[i] = dot(w, q.row(rows[i]), n);
+        } else {
+            for (int64_t i = 0; i < count; i += kMultiRows) {
+                const int nx = int(std::min<int64_t>(kMultiRows, count - i));
+                Q8Row xs[kMultiRows];
+                for (int j = 0; j < nx; ++j) xs[j] = q.row(rows[i + j]);
+                multi(w, xs, nx, out + i, n);
+            }
+        }
+    }
 };
 
 int64_t chunk_rows(int64_t rows, int64_t groups) {
@@ -64,19 +81,18 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
     std::optional<Activations> up_own;  // only when up's type needs another activation form
     if (up.ggml_type != gate.ggml_type) up_own.emplace(ks, up.ggml_type, x, T, H);
     const Activations& upx = up_own ? *up_own : gate_x;
+    std::vector<int64_t> pair_token(pairs.size());
+    for (size_t s = 0; s < pairs.size(); ++s) pair_token[s] = pairs[s] / k;
     std::vector<float> h(size_t(T * k * I));
     const int64_t ci = chunk_rows(I, A), n_ci = (I + ci - 1) / ci;
     pool().run(A * n_ci, [&](int64_t item) {
-        const int64_t e = active[item / n_ci];
+        const int64_t e = active[item / n_ci], first = start[e], count = start[e + 1] - first;
         const int64_t i0 = item % n_ci * ci, i1 = std::min(I, i0 + ci);
+        std::vector<float> g(count), u(count);
         for (int64_t i = i0; i < i1; ++i) {
-            const uint8_t* g_row = gate.row(e * I + i);
-            const uint8_t* u_row = up.row(e * I + i);
-            for (int64_t s = start[e]; s < start[e + 1]; ++s) {
-                const int64_t p = pairs[s], t = p / k;
-                const float g = gate_x(g_row, t), u = upx(u_row, t);
-                h[p * I + i] = g / (1.0f + std::exp(-g)) * u;
-            }
+            gate_x.dots(gate.row(e * I + i), &pair_token[first], count, g.data());
+            upx.dots(up.row(e * I + i), &pair_token[first], count, u.data());
+            for (int64_t s = 0; s < count; ++s) h[pairs[first + s] * I + i] = g[s] / (1.0f + std::exp(-g[s])) * u[s];
         }
     });
 
@@ -88,14 +104,17 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
     const int64_t ch = chunk_rows(H, 1), n_ch = (H + ch - 1) / ch;
     pool().run(n_ch, [&](int64_t item) {
         const int64_t r0 = item * ch, r1 = std::min(H, r0 + ch);
-        for (int64_t e : active)
+        std::vector<float> y(size_t(T * k));
+        for (int64_t e : active) {
+            const int64_t first = start[e], count = start[e + 1] - first;
             for (int64_t r = r0; r < r1; ++r) {
-                const uint8_t* d_row = down.row(e * H + r);
-                for (int64_t s = start[e]; s < start[e + 1]; ++s) {
-                    const int64_t p = pairs[s];
-                    out[p / k * H + r] += weights[p] * h_x(d_row, p);
+                h_x.dots(down.row(e * H + r), &pairs[first], count, y.data());
+                for (int64_t s = 0; s < count; ++s) {
+                    const int64_t p = pairs[first + s];
+                    out[p / k * H + r] += weights[p] * y[s];
                 }
             }
+        }
     });
 }
 

@@ -36,22 +36,38 @@ void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) {
     const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
     const int64_t chunk = rows_per_item(N, tiles);
     const int64_t chunks = (N + chunk - 1) / chunk;
-    auto for_each_item = [&](auto&& dot_row) {
+    // tile_rows(row, t0, t1, o) writes o[t * N] = row . x[t] for the tokens t0..t1 of a tile.
+    auto for_each_item = [&](auto&& tile_rows) {
         pool().run(chunks * tiles, [&](int64_t item) {
             const int64_t r0 = item / tiles * chunk, r1 = std::min(N, r0 + chunk);
             const int64_t t0 = item % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
-            for (int64_t r = r0; r < r1; ++r)
-                for (int64_t t = t0; t < t1; ++t) out[t * N + r] = dot_row(w.row(r), t);
+            for (int64_t r = r0; r < r1; ++r) tile_rows(w.row(r), t0, t1, out + r);
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
-        for_each_item([&](const uint8_t* row, int64_t t) { return dot(row, x + t * K, K); });
-    } else {
-        const RowDot dot = k->dot[w.ggml_type];
-        const Q8Rows xq = quantize_rows(x, M, K);
-        for_each_item([&](const uint8_t* row, int64_t t) { return dot(row, xq.row(t), K); });
+        for_each_item([&](const uint8_t* row, int64_t t0, int64_t t1, float* o) {
+            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, x + t * K, K);
+        });
+        return;
     }
+    const Q8Rows xq = quantize_rows(x, M, K);
+    const RowDot dot = k->dot[w.ggml_type];
+    const RowDotMulti multi = k->dot_multi[w.ggml_type];
+    for_each_item([&](const uint8_t* row, int64_t t0, int64_t t1, float* o) {
+        if (!multi || t1 - t0 == 1) {
+            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, xq.row(t), K);
+            return;
+        }
+        for (int64_t t = t0; t < t1; t += kMultiRows) {
+            const int nx = int(std::min<int64_t>(kMultiRows, t1 - t));
+            Q8Row rows[kMultiRows];
+            float res[kMultiRows];
+            for (int j = 0; j < nx; ++j) rows[j] = xq.row(t + j);
+            multi(row, rows, nx, res, K);
+            for (int j = 0; j < nx; ++j) o[(t + j) * N] = res[j];
+        }
+    });
 }
 
 double stream_sum(const uint8_t* p, size_t n) {
