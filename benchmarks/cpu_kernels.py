@@ -76,6 +76,29 @@ def decode_and_prefill(ggml_type, size_mb, bandwidth, prefill_m, rng):
     return decode_bps, decode_bps / bandwidth, 2 * prefill_m * N * K / tp / 1e9, t / count * 1e3
 
 
+def call_scaling(ggml_type, size_mb, rng):
+    """Per-call decode time for growing matrices: the fit t = overhead + bytes / rate separates the
+    fixed cost of a call (Python, thread wake-up, tail imbalance) from streaming."""
+    K, points = HIDDEN, []
+    for N in (64, 512, 2048, 8192):
+        matrix_bytes = N * row_nbytes(ggml_type, K)
+        count = max(2, min(4096, (size_mb << 20) // matrix_bytes))
+        weights = filled(ggml_type, N * count, K, rng).view(count, matrix_bytes)
+        x = torch.randn(1, K)
+
+        def calls():
+            for w in weights:
+                kernels.quant_linear(x, w, ggml_type, N, K)
+
+        calls()
+        points.append((matrix_bytes, best_time(calls, 3) / count))
+        del weights
+    sizes, times = np.array(points).T
+    rate, overhead = np.polyfit(sizes, times, 1)
+    detail = ", ".join(f"{b / 2**20:.1f} MiB: {t * 1e6:.0f} us" for b, t in points)
+    return overhead * 1e6, 1 / rate, detail
+
+
 def moe_decode(types, size_mb, bandwidth, rng):
     gate_t, up_t, down_t = types
     expert_bytes = (MOE_INTERMEDIATE * (row_nbytes(gate_t, HIDDEN) + row_nbytes(up_t, HIDDEN))
@@ -106,6 +129,7 @@ def main():
     parser.add_argument("--prefill-m", type=int, default=512)
     parser.add_argument("--moe-types", default="Q4_K,Q4_K,Q6_K;Q8_0,Q8_0,Q8_0",
                         help="gate,up,down types of the fused-MoE lines, ';'-separated")
+    parser.add_argument("--scaling", action="store_true", help="also fit per-call overhead vs matrix size (first type)")
     args = parser.parse_args()
     if args.threads:
         kernels.set_num_threads(args.threads)
@@ -120,6 +144,9 @@ def main():
     for t in types:
         bps, frac, gflops, ms = decode_and_prefill(t, args.size_mb, native_bw, args.prefill_m, rng)
         print(f"{t.name:<8} {bps / 1e9:>11.1f} {frac:>6.0%} {ms:>13.3f} {gflops:>16.1f}", flush=True)
+    if args.scaling:
+        overhead, rate, detail = call_scaling(types[0], args.size_mb, rng)
+        print(f"{types[0].name} decode call time: {detail}; fit: {overhead:.0f} us fixed + {rate / 1e9:.1f} GB/s")
     for spec in filter(None, args.moe_types.split(";")):
         moe_t = [resolve_type(t) for t in spec.split(",")]
         ms, bps, frac, n = moe_decode(moe_t, args.size_mb, native_bw, rng)

@@ -7,8 +7,9 @@
 
 Decoding one token reads every attention weight once plus the whole compressed cache, so it is
 memory bound: the script prints the bytes one step must read, the achieved GB/s, and the device's
-measured copy bandwidth (read + write of a large buffer) next to it. "core" times only the
-attention over the cache (scores, softmax, weighted latent sum), the part that grows with context.
+measured copy bandwidth (read + write of a large buffer) next to it. "graph" replays the
+step as a captured CUDA graph (cuda only; the graph scores a power-of-two bucket of cache rows),
+"core" times only the attention over the cache (scores, softmax, weighted latent sum), the part that grows with context.
 """
 
 import argparse
@@ -116,19 +117,25 @@ def main():
                          **sizes)
     weights = RandomWeights(cfg, device, dtype)
     max_context = max(args.context) + 1
-    attn = MLAttention(cfg, weights, "model.layers.0.self_attn", max_context, RopeTable(cfg, max_context))
+    attn = MLAttention(cfg, weights, "model.layers.0.self_attn", max_context, RopeTable(cfg, max_context),
+                       cuda_graphs=device.type == "cuda")
     element = torch.tensor([], dtype=dtype).element_size()
     attn.kv_cache.normal_()
     bandwidth = copy_bandwidth(device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"threads {torch.get_num_threads()}; measured copy bandwidth {bandwidth:.1f} GB/s")
     print(f"sizes {sizes}; attention weights {weights.weight_bytes / 1e6:.1f} MB per layer")
-    print(f"{'context':>8} {'step ms':>9} {'step GB/s':>10} {'% bw':>6} {'core ms':>9} {'core GB/s':>10} {'% bw':>6}")
+    print(f"{'context':>8} {'step ms':>9} {'step GB/s':>10} {'% bw':>6} {'graph ms':>9} {'graph GB/s':>10} {'% bw':>6} "
+          f"{'core ms':>9} {'core GB/s':>10} {'% bw':>6}")
     x = torch.randn(1, cfg.hidden_size, device=device, dtype=dtype)
     for context in args.context:
+        graphs, attn.decode_graphs = attn.decode_graphs, None
         step = timed(lambda: attn(x, context), device, args.repeats)
+        attn.decode_graphs = graphs
+        graph_step = timed(lambda: attn(x, context), device, args.repeats) if graphs else float("nan")
         cache_bytes = (context + 1) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * element
         step_rate = (weights.weight_bytes + cache_bytes) / step / 1e9
+        graph_rate = (weights.weight_bytes + cache_bytes) / graph_step / 1e9
 
         query = torch.randn(cfg.num_attention_heads, cfg.kv_lora_rank + cfg.qk_rope_head_dim, device=device,
                             dtype=dtype)
@@ -136,6 +143,7 @@ def main():
         core = timed(lambda: attn._attend(query, keys, keys[:, :cfg.kv_lora_rank], context, 1), device, args.repeats)
         core_rate = cache_bytes / core / 1e9
         print(f"{context:>8} {step * 1e3:>9.3f} {step_rate:>10.1f} {100 * step_rate / bandwidth:>5.0f}% "
+              f"{graph_step * 1e3:>9.3f} {graph_rate:>10.1f} {100 * graph_rate / bandwidth:>5.0f}% "
               f"{core * 1e3:>9.3f} {core_rate:>10.1f} {100 * core_rate / bandwidth:>5.0f}%")
 
 

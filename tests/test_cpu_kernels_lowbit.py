@@ -90,7 +90,7 @@ def _lengths(ggml_type):
 CASES = [(t, k) for t in LOWBIT for k in _lengths(t)]
 
 
-@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("m", [1, 3, 5, 6])  # 1 row, and 3 / 4+1 / 4+2 for the multi-row kernels
 @pytest.mark.parametrize("ggml_type,cols", CASES, ids=[f"{t.name}-{k}" for t, k in CASES])
 def test_lowbit_matches_gguf_dequantize(isa, ggml_type, cols, m):
     assert int(ggml_type) in _cpu.supported_types(), f"{ggml_type.name} has no kernel in {isa}"

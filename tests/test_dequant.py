@@ -1,5 +1,7 @@
 """ktransformers.gguf.dequant and random_blocks against the gguf package's numpy decoders (the oracle)."""
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -195,3 +197,26 @@ def test_cuda_decoding_matches_cpu(qtype):
     on_gpu = dequantize(torch.from_numpy(raw).cuda(), qtype, shape)
     assert on_gpu.is_cuda
     assert torch.equal(on_gpu.cpu(), dequantize(raw, qtype, shape))
+
+
+MEMORY_PROBE = """
+import resource, sys
+import numpy as np, torch
+from ktransformers.gguf.dequant import dequantize
+from ktransformers.gguf.random_blocks import write_scale
+blocks = np.random.default_rng(0).integers(0, 256, size=(2048 * 7168 // 256, 144), dtype=np.uint8)
+write_scale(blocks, "Q4_K", "d", 1e-3)
+write_scale(blocks, "Q4_K", "dmin", 1e-3)
+dequantize(blocks[:8].reshape(-1), "Q4_K", (8, 256))  # warm up tables and allocator
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = dequantize(blocks.reshape(-1), "Q4_K", (2048, 7168))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024, out.numel() * 4)
+"""
+
+
+def test_large_tensor_memory_stays_near_output_size():
+    # a fresh process, so that the peak-RSS reading sees only this decode
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown, output_bytes = map(int, done.stdout.split())
+    assert grown < 1.5 * output_bytes, f"peak memory grew {grown / 1e6:.0f} MB for a {output_bytes / 1e6:.0f} MB output"

@@ -13,6 +13,7 @@ import ktransformers.operators.registry as registry
 from ktransformers.gguf import QuantTensor, open_gguf
 from ktransformers.models.config import config_from_gguf, load_hf_config
 from ktransformers.models.loader import load_model
+from ktransformers.models.tokenizer_from_gguf import tokenizer_from_gguf
 from ktransformers.operators.experts import TorchExperts
 from ktransformers.operators.linear import TorchLinear
 
@@ -26,8 +27,8 @@ def rules(tmp_path_factory):
     return path
 
 
-def rewrite_gguf(src, dst, drop=(), metadata=None, tensor_fn=None):
-    """Copy a GGUF with the gguf package, dropping tensors, overriding metadata, or changing tensors."""
+def rewrite_gguf(src, dst, drop=(), metadata=None, tensor_fn=None, new_strings=None):
+    """Copy a GGUF with the gguf package, dropping tensors, overriding or adding metadata, or changing tensors."""
     reader = GGUFReader(src)
     metadata = metadata or {}
     arch = metadata.get("general.architecture", reader.fields["general.architecture"].contents())
@@ -37,6 +38,8 @@ def rewrite_gguf(src, dst, drop=(), metadata=None, tensor_fn=None):
             continue
         sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, metadata.get(key, field.contents()), field.types[0], sub)
+    for key, value in (new_strings or {}).items():
+        writer.add_string(key, value)
     for t in reader.tensors:
         if t.name in drop:
             continue
@@ -158,6 +161,24 @@ def test_unsupported_architecture_is_named(tiny_model, rules, tmp_path):
     bad_dir = model_dir_copy(model_dir, tmp_path / "bad", model_type="llama")
     with pytest.raises(ValueError, match=r"config\.json: model_type 'llama' is not supported"):
         load_model(model_dir / "model.gguf", bad_dir, rules)
+
+
+def test_tokenizer_json_embedded_in_the_gguf_is_used(tiny_model, tmp_path):
+    model_dir = tiny_model()
+    path = rewrite_gguf(model_dir / "model.gguf", tmp_path / "m.gguf", metadata={"tokenizer.ggml.model": "none"},
+                        new_strings={"tokenizer.huggingface.json": (model_dir / "tokenizer.json").read_text()})
+    from_gguf = tokenizer_from_gguf(open_gguf(path).metadata, str(path))
+    reference = transformers.AutoTokenizer.from_pretrained(model_dir)
+    text = "<｜User｜>Numbers 1234567, 你好 and don't<think>x</think>"
+    assert from_gguf(text).input_ids == reference(text).input_ids
+    assert from_gguf.eos_token == reference.eos_token
+
+
+def test_unsupported_gguf_tokenizer_is_named(tiny_model, tmp_path):
+    model_dir = tiny_model()
+    path = rewrite_gguf(model_dir / "model.gguf", tmp_path / "m.gguf", metadata={"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match=r"m\.gguf: tokenizer\.ggml\.model is 'llama'; only byte-level BPE"):
+        tokenizer_from_gguf(open_gguf(path).metadata, str(path))
 
 
 def test_positions_past_max_context_raise(tiny_model, rules):

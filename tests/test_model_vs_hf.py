@@ -186,7 +186,7 @@ def test_kv_b_split_tiny_model_matches_hf(tiny_model, rules):
     compare_with_hf(loaded.model, hf_model(model_dir, model_dir / "model.gguf"), loaded.config.vocab_size)
 
 
-@pytest.mark.parametrize("quant_mix", ["q4_k_m", "ud-iq1_s"])
+@pytest.mark.parametrize("quant_mix", ["q8_0", "q4_k_m", "ud-iq1_s"])
 def test_quantized_mix_matches_dequantized_float_model(tiny_model, rules, quant_mix):
     model_dir = tiny_model(quant_mix=quant_mix)
     loaded = load_model(model_dir / "model.gguf", model_dir, rules, max_context=64)

@@ -69,13 +69,13 @@ def random_quant_bytes(ggml_type, shape: Sequence[int], rng: np.random.Generator
         write_scale(blocks, qtype, "d", d_values)
         for name in fields[1:]:
             write_scale(blocks, qtype, name, min_values)
-        return dequantize(blocks, qtype, (n_blocks, elements)).double()
+        return dequantize(blocks, qtype, (n_blocks, elements))
 
     # values are linear in (d, min): pick min = ratio * d so that the tensor is centred on zero
     ratio = 0.0
     if len(fields) > 1:
-        scaled, shift = decode(d, 0.0).sum(), decode(0.0, d).sum()
-        ratio = float(-scaled / shift) if shift != 0 else 0.0
+        scaled, shift = (decode(*pair).sum(dtype=torch.float64).item() for pair in ((d, 0.0), (0.0, d)))
+        ratio = -scaled / shift if shift != 0 else 0.0
     spread = float(decode(d, ratio * d).std())
     factor = scale / spread if spread > 0 else 0.0
     decode(d * factor, ratio * d * factor)

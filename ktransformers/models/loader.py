@@ -52,7 +52,7 @@ def _resolve_device(device) -> torch.device:
 
 
 def load_model(gguf_path, model_path=None, optimize_config_path=None, device=None, max_context: int = 4096,
-               cpu_infer: int | None = None) -> LoadedModel:
+               cpu_infer: int | None = None, cuda_graphs: bool = True) -> LoadedModel:
     """Load a DeepSeek V2/V3/R1 GGUF.
 
     model_path: directory with the Hugging Face config.json, tokenizer files and generation_config.json;
@@ -60,6 +60,7 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     optimize_config_path: placement rules YAML; default DeepSeek-V3-Chat.yaml with a GPU, else -cpu.yaml.
     device: the cuda device that rules saying "cuda" mean (default cuda when available, else cpu).
     cpu_infer: CPU threads for the CPU-side work (torch's and the native kernels' thread pools).
+    cuda_graphs: replay CUDA graphs for one-token decode of attention layers placed wholly on cuda.
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -81,7 +82,7 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
 
     factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
-        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
+        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress, cuda_graphs=cuda_graphs)
     model.eval()
 
     if model_path is not None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
+from .mla_graph import DecodeGraphs
 from .rope import RopeTable
 
 # Score-matrix elements per attention call; longer prefill chunks are split into query blocks.
@@ -33,14 +34,14 @@ class AbsorbedKVB(nn.Module):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable):
+    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable,
+                 cuda_graphs: bool = False):
         super().__init__()
         place = factory.placement(prefix)
         self.device, self.dtype = place.device, place.dtype
         self.n_heads, self.kv_lora_rank = cfg.num_attention_heads, cfg.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.scale = softmax_scale(cfg)
-        self.max_context = max_context
 
         if cfg.q_lora_rank:
             self.q_a_proj = factory.linear(f"{prefix}.q_a_proj")
@@ -56,6 +57,14 @@ class MLAttention(nn.Module):
         # compressed cache, one row per position: [normalized latent | rotated rope key]
         self.register_buffer("kv_cache", torch.zeros(max_context, self.kv_lora_rank + self.rope_dim,
                                                      device=self.device, dtype=self.dtype), persistent=False)
+        self.register_buffer("key_index", torch.arange(max_context, device=self.device), persistent=False)
+        self.decode_graphs = DecodeGraphs(self) if cuda_graphs and self._all_on_one_cuda_device() else None
+
+    def _all_on_one_cuda_device(self) -> bool:
+        """CUDA graphs need every piece of the attention on its cuda device (no CPU hops inside)."""
+        if self.device.type != "cuda":
+            return False
+        return all(m.placement.device == self.device for m in self.children() if hasattr(m, "placement"))
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -64,28 +73,52 @@ class MLAttention(nn.Module):
             q = run(self.q_b_proj, run(self.q_a_layernorm, run(self.q_a_proj, x)))
         return q.to(self.device, self.dtype).view(x.shape[0], self.n_heads, self.nope_dim + self.rope_dim)
 
+    def _compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized latent [T, kv_lora], rope key before rotation [T, rope_dim])."""
+        compressed = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype)
+        latent, k_rope = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return run(self.kv_a_layernorm, latent).to(self.device, self.dtype), k_rope
+
+    def _absorbed_query(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Query rows [H*T, kv_lora + rope_dim], head-major (row = h * T + t).
+
+        All heads share one latent key/value, so attention runs as a single head over H*T rows;
+        head-major order lets the per-head matmuls use the weights without transposed copies.
+        """
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.kv_b_proj.w_uk)  # [H, T, kv_lora]
+        return torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(-1, self.kv_lora_rank + self.rope_dim)
+
+    def _output(self, out_latent: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        out = torch.bmm(out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv.transpose(1, 2))
+        return run(self.o_proj, out.transpose(0, 1).reshape(n_tokens, self.n_heads * self.v_dim))
+
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""
         n_tokens = x.shape[0]
+        if n_tokens == 1 and self.decode_graphs is not None and x.device == self.device:
+            return self.decode_graphs(x, start_pos)
         end = start_pos + n_tokens
         rotations = self.rope.rotations(start_pos, end, self.device)
-
         q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_rope = self.rope.apply(q_rope, rotations)
-        compressed = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype)
-        latent, k_rope = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        self.kv_cache[start_pos:end, :self.kv_lora_rank] = run(self.kv_a_layernorm, latent).to(self.device,
-                                                                                                 self.dtype)
+        latent, k_rope = self._compress(x)
+        self.kv_cache[start_pos:end, :self.kv_lora_rank] = latent
         self.kv_cache[start_pos:end, self.kv_lora_rank:] = self.rope.apply(k_rope, rotations)
-
-        # all heads share one latent key/value, so attend as a single head over H*T query rows
-        # (ordered head-major, so the per-head matmuls below need no transposed weight copies)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.kv_b_proj.w_uk)  # [H, T, kv_lora]
-        query = torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(self.n_heads * n_tokens, -1)
+        query = self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations))
         keys = self.kv_cache[:end]
-        out_latent = self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens)
-        out = torch.bmm(out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv.transpose(1, 2))
-        return run(self.o_proj, out.transpose(0, 1).reshape(n_tokens, self.n_heads * self.v_dim))
+        return self._output(self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens), n_tokens)
+
+    def decode_static(self, x: torch.Tensor, position: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """One-token decode with the position as a device tensor and a fixed key count, so that a CUDA
+        graph can capture it: all n_keys cache rows are scored and the ones past `position` masked."""
+        rotations = self.rope.table(self.device).index_select(0, position)
+        q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self._compress(x)
+        self.kv_cache.index_copy_(0, position, torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1))
+        query = self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations))
+        keys = self.kv_cache[:n_keys]
+        scores = (query @ keys.T).float() * self.scale
+        scores.masked_fill_(self.key_index[:n_keys] > position, float("-inf"))
+        return self._output(scores.softmax(dim=-1).to(keys.dtype) @ keys[:, :self.kv_lora_rank], 1)
 
     def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
         """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""

@@ -59,12 +59,16 @@ class RopeTable:
         self.interleaved = cfg.rope_interleave
         self._tables = {torch.device("cpu"): torch.polar(torch.full_like(angles, magnitude), angles)}
 
-    def rotations(self, start: int, end: int, device) -> torch.Tensor:
-        """complex64 [end - start, rope_dim / 2]."""
+    def table(self, device) -> torch.Tensor:
+        """complex64 [max_context, rope_dim / 2] on `device`."""
         device = torch.device(device)
         if device not in self._tables:
             self._tables[device] = self._tables[torch.device("cpu")].to(device)
-        return self._tables[device][start:end]
+        return self._tables[device]
+
+    def rotations(self, start: int, end: int, device) -> torch.Tensor:
+        """complex64 [end - start, rope_dim / 2]."""
+        return self.table(device)[start:end]
 
     def apply(self, x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, ..., rope_dim] (any head dims in between); computed in float32, returned in x.dtype."""

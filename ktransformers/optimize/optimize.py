@@ -9,8 +9,10 @@
         kwargs: {}              # extra keyword arguments for the backend constructor
 
 Rules are tried in order and the first whose regex matches the start of the module name wins
-(`re.match`, as upstream). `backend` only concerns linear and experts modules; norms, embeddings,
-gates and kv_b take device and dtype alone.
+(`re.match`, as upstream). Every leaf module gets a placement, and so does each
+`model.layers.N.self_attn` (where the attention math and its compressed KV cache live).
+`backend` only concerns linear and experts modules; norms, embeddings, gates, kv_b and the
+attention itself take device and dtype alone.
 """
 
 import re

@@ -4,9 +4,9 @@ Every decoder sees `blocks`, a contiguous uint8 tensor [n_blocks, bytes_per_bloc
 float32 values into `out` [n_blocks, elements_per_block].
 
 Speed note: torch's CPU kernels are only fast on long runs of contiguous elements. A block field
-is a strided slice with short rows (16..128 bytes), so the helpers copy a field to contiguous
-memory once, do the bit arithmetic there, and let float32 tensors (4x wider rows) carry the
-reshuffling into ggml's element order.
+is a strided slice with short rows (16..128 bytes), so `bit_planes` copies a field to contiguous
+memory once, does the bit arithmetic there, and converts to float32 while scattering the codes
+into ggml's element order.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ ThreadPool::~ThreadPool() {
     std::lock_guard<std::mutex> serial(run_mutex_);  // let a running call finish first
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        stop_ = true;
+        stop_.store(true);
         generation_.fetch_add(1);
     }
     wake_.notify_all();
@@ -47,38 +47,47 @@ void ThreadPool::run(int64_t n_items, const std::function<void(int64_t)>& task) 
         task_ = &task;
         n_items_ = n_items;
         next_item_.store(0);
-        busy_.store(int(workers_.size()));
-        generation_.fetch_add(1, std::memory_order_release);
+        open_.store(true);
+        generation_.fetch_add(1);
     }
     wake_.notify_all();
     drain();
-    // Wait for the workers still finishing their last item.
+    // Close the call: workers that wake from now on leave at once, so only the ones still
+    // finishing an item are waited for (never one the OS has not scheduled yet).
+    open_.store(false);
     const auto spin_until = std::chrono::steady_clock::now() + kSpin;
-    while (busy_.load(std::memory_order_acquire) != 0) {
-        if (std::chrono::steady_clock::now() < spin_until) {
-            cpu_relax();
-            continue;
+    for (int i = 0; active_.load() != 0; ++i) {
+        cpu_relax();
+        if (i % 64 == 63 && std::chrono::steady_clock::now() > spin_until) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            done_.wait(lock, [this] { return active_.load() == 0; });
         }
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [this] { return busy_.load() == 0; });
     }
 }
 
 void ThreadPool::worker_loop() {
     uint64_t seen = 0;
     for (;;) {
-        // Spin a little for the next call, then sleep until woken.
+        // Spin a little for the next call (without touching the mutex, which 16 workers would
+        // queue on), then sleep until woken.
+        uint64_t g = generation_.load();
         const auto spin_until = std::chrono::steady_clock::now() + kSpin;
-        while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
+        for (int i = 0; g == seen; ++i) {
             cpu_relax();
-        {
-            std::unique_lock<std::mutex> lock(mutex_);
-            wake_.wait(lock, [&] { return generation_.load() != seen; });
-            seen = generation_.load();
-            if (stop_) return;
+            g = generation_.load();
+            if (g == seen && i % 64 == 63 && std::chrono::steady_clock::now() > spin_until) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_.load() != seen; });
+                g = generation_.load();
+            }
         }
-        drain();
-        if (busy_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        seen = g;
+        if (stop_.load()) return;
+        // Announce first, then check the call is still open (all seq_cst): either the caller
+        // sees us in active_ and waits, or we see it closed and touch nothing.
+        active_.fetch_add(1);
+        if (open_.load()) drain();
+        if (active_.fetch_sub(1) == 1) {
             std::lock_guard<std::mutex> lock(mutex_);
             done_.notify_all();
         }

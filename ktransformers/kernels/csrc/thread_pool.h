@@ -34,10 +34,11 @@ private:
     std::condition_variable wake_, done_;
     std::atomic<uint64_t> generation_{0};
     std::atomic<int64_t> next_item_{0};
-    std::atomic<int> busy_{0};
+    std::atomic<int> active_{0};     // workers inside the current call
+    std::atomic<bool> open_{false};  // a call is handing out items
     int64_t n_items_ = 0;
     const std::function<void(int64_t)>* task_ = nullptr;
-    bool stop_ = false;
+    std::atomic<bool> stop_{false};
 };
 
 // The process-wide pool; its size comes from set_num_threads (default: hardware threads).

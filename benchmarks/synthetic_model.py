@@ -1,0 +1,121 @@
+"""A DeepSeek-V3 model with the real widths and a few layers, built in memory from random valid blocks.
+
+No GGUF file is written: the tensors are QuantTensors over numpy buffers, handed to the models
+package's ModuleFactory through a small in-memory stand-in for `open_gguf`'s result. Tensor names,
+shapes and per-tensor ggml types come from ktransformers.tools.tiny_weights (llama.cpp's Q4_K_M
+and Unsloth's UD-IQ1_S recipes), evaluated for the layer of the 61-layer model each synthetic
+layer stands for. Big tensors are one random base of blocks repeated (speed does not depend on
+the values), so building tens of GB takes seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from ktransformers.gguf import GGMLType, QuantTensor, dequantize, random_quant_bytes, row_nbytes
+from ktransformers.models.config import config_from_hf_dict
+from ktransformers.models.deepseek_v3 import DeepseekV3ForCausalLM
+from ktransformers.models.module_factory import ModuleFactory
+from ktransformers.optimize.optimize import Rules, default_rules_path
+from ktransformers.tools.tiny_weights import T, choose_type, tensor_plan, tensor_values
+
+DEEPSEEK_V3 = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+    kv_lora_rank=512, q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+    norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-6, rope_theta=10000.0,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    max_position_embeddings=163840, topk_method="noaux_tc",
+)
+EXPERT_KINDS = (T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
+BASE_BYTES = 4 << 20  # random blocks generated per tensor before repeating
+
+
+class InMemoryGGUF:
+    """The part of `GGUFModel` that ModuleFactory reads: files, tensors, get, `in`."""
+
+    def __init__(self, tensors: dict[str, QuantTensor], source: str):
+        self.files, self.tensors, self.metadata, self.architecture = [Path(source)], tensors, {}, "deepseek2"
+
+    def get(self, name, default=None):
+        return self.tensors.get(name, default)
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def __getitem__(self, name):
+        return self.tensors[name]
+
+
+def real_layer(index: int, n_dense: int, full: dict) -> int:
+    """The 61-layer model's layer a synthetic layer stands for: dense -> itself, MoE j -> an MoE layer
+    from the middle, alternating so Q4_K_M's Q4_K/Q6_K down_exps appear about as often as in the full model."""
+    if index < n_dense:
+        return index
+    return full["first_k_dense_replace"] + 5 + (index - n_dense)
+
+
+def repeated_blocks(ggml_type: GGMLType, rows: int, cols: int, rng) -> np.ndarray:
+    """rows x cols of valid random blocks: a few MB of them, repeated by doubling copies."""
+    row_bytes = row_nbytes(ggml_type, cols)
+    base_rows = max(1, min(rows, BASE_BYTES // row_bytes))
+    base = np.asarray(random_quant_bytes(ggml_type, (base_rows, cols), rng, 0.02), dtype=np.uint8).reshape(-1)
+    out = np.empty(rows * row_bytes, dtype=np.uint8)
+    out[:base.size] = base
+    filled = base.size
+    while filled < out.size:  # whole rows every time, so every block stays valid
+        n = min(filled, out.size - filled)
+        out[filled:filled + n] = out[:n]
+        filled += n
+    return out
+
+
+def synthetic_config(n_dense: int, n_moe: int, **overrides) -> tuple[dict, dict]:
+    """(HF-style config of the synthetic model, the full 61-layer config it imitates)."""
+    full = {**DEEPSEEK_V3, **overrides}
+    small = {**full, "num_hidden_layers": n_dense + n_moe, "first_k_dense_replace": n_dense}
+    return small, full
+
+
+def build_tensors(small: dict, full: dict, mix: str, seed: int = 0) -> dict[str, QuantTensor]:
+    rng = np.random.default_rng(seed)
+    n_dense = small["first_k_dense_replace"]
+    tensors = {}
+    for spec in tensor_plan(small):
+        as_full = spec if spec.layer is None else dataclasses.replace(spec, layer=real_layer(spec.layer, n_dense, full))
+        ggml_type = choose_type(as_full, mix, full)
+        if spec.is_vector or ggml_type == GGMLType.F32:  # norms, router, routing bias: small, real values
+            data = np.ascontiguousarray(tensor_values(spec, ggml_type, seed)).view(np.uint8).reshape(-1)
+        else:
+            rows = int(np.prod(spec.shape[:-1]))
+            data = repeated_blocks(ggml_type, rows, spec.shape[-1], rng)
+        tensors[spec.name] = QuantTensor(spec.name, ggml_type, tuple(spec.shape), data)
+    return tensors
+
+
+def routed_bytes_per_token(full: dict, mix: str) -> int:
+    """Routed-expert weight bytes one decoded token reads in the full model (top-k experts, every MoE layer)."""
+    total = 0
+    for layer in range(full["first_k_dense_replace"], full["num_hidden_layers"]):
+        for spec in tensor_plan({**full, "num_hidden_layers": layer + 1}):
+            if spec.layer == layer and spec.kind in EXPERT_KINDS:
+                per_expert = row_nbytes(choose_type(spec, mix, full), spec.shape[-1]) * spec.shape[1]
+                total += per_expert * full["num_experts_per_tok"]
+    return total
+
+
+def build_model(n_dense: int, n_moe: int, mix: str, cuda: bool, max_context: int = 4096, seed: int = 0,
+                **overrides):
+    """(DeepseekV3ForCausalLM placed by the GPU or CPU rules, synthetic config dict, full config dict)."""
+    small, full = synthetic_config(n_dense, n_moe, **overrides)
+    cfg = config_from_hf_dict(small, "synthetic config")
+    tensors = build_tensors(small, full, mix, seed)
+    rules = Rules.from_file(default_rules_path(cuda), cuda_device="cuda")
+    factory = ModuleFactory(InMemoryGGUF(tensors, f"<synthetic {mix}>"), cfg, rules, dequantize)
+    model = DeepseekV3ForCausalLM(cfg, factory, max_context).eval()
+    return model, small, full
