@@ -7,9 +7,10 @@
 
 Decoding one token reads every attention weight once plus the whole compressed cache, so it is
 memory bound: the script prints the bytes one step must read, the achieved GB/s, and the device's
-measured copy bandwidth (read + write of a large buffer) next to it. "graph" replays the
-step as a captured CUDA graph (cuda only; the graph scores a power-of-two bucket of cache rows),
-"core" times only the attention over the cache (scores, softmax, weighted latent sum), the part that grows with context.
+measured copy bandwidth (read + write of a large buffer) next to it. "graph" replays the step
+as a captured CUDA graph (cuda only; it scores a power-of-two bucket of cache rows). "core" times
+only the attention over the cache (scores, softmax, weighted latent sum), the part that grows
+with context.
 """
 
 import argparse

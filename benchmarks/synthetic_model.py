@@ -33,7 +33,7 @@ DEEPSEEK_V3 = dict(
     max_position_embeddings=163840, topk_method="noaux_tc",
 )
 EXPERT_KINDS = (T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
-BASE_BYTES = 4 << 20  # random blocks generated per tensor before repeating
+BASE_BYTES = 1 << 20  # random blocks generated per tensor before repeating
 
 
 class InMemoryGGUF:

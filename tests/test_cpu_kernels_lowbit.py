@@ -84,7 +84,8 @@ def isa(request):
 
 
 def _lengths(ggml_type):
-    return [32, 96, 7168] if GGML_QUANT_SIZES[ggml_type][0] == 32 else [256, 512, 7168]
+    # IQ4_NL: a lone block, 8-block groups plus a tail of 1, and a DeepSeek width.
+    return [32, 288, 7168] if GGML_QUANT_SIZES[ggml_type][0] == 32 else [256, 512, 7168]
 
 
 CASES = [(t, k) for t in LOWBIT for k in _lengths(t)]
@@ -143,3 +144,35 @@ def test_iq_tables_init_is_idempotent_and_checks_input():
     w = quants.dequantize(raw, T.IQ2_XXS).astype(np.float64)
     err = np.abs(run_kernel(x_q, raw, T.IQ2_XXS, 6, 256) - x_q.astype(np.float64) @ w.T)
     assert (err <= 1e-5 * (np.abs(x_q) @ np.abs(w).T)).all()
+
+
+# The routed-expert mixes of the Unsloth dynamic quants (gate, up, down).
+MOE_MIXES = [(T.IQ1_S, T.IQ1_S, T.Q2_K), (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), (T.IQ1_M, T.IQ1_M, T.Q3_K),
+             (T.IQ2_XXS, T.IQ2_XXS, T.IQ3_XXS), (T.IQ2_XS, T.IQ2_XS, T.IQ4_XS)]
+
+
+@pytest.mark.parametrize("mix", MOE_MIXES, ids=lambda m: "-".join(t.name for t in m))
+@pytest.mark.parametrize("tokens,k", [(1, 2), (7, 3)])
+def test_moe_forward_with_lowbit_experts(isa, mix, tokens, k):
+    rng = np.random.default_rng()
+    experts, hidden, inter = 4, 256, 512
+    gate, up = (random_quant_bytes(t, (experts * inter, hidden), rng, scale=0.02) for t in mix[:2])
+    down = random_quant_bytes(mix[2], (experts * hidden, inter), rng, scale=0.02)
+    dense = [torch.from_numpy(quants.dequantize(raw.reshape(rows, -1), t).astype(np.float64)).view(experts, -1, cols)
+             for raw, t, rows, cols in ((gate, mix[0], experts * inter, hidden), (up, mix[1], experts * inter, hidden),
+                                        (down, mix[2], experts * hidden, inter))]
+    x = torch.from_numpy(rng.standard_normal((tokens, hidden)).astype(np.float32))
+    ids = torch.from_numpy(np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]))
+    weights = torch.from_numpy(rng.uniform(0.1, 1.0, (tokens, k)).astype(np.float32))
+    y = kernels.moe_forward(x, ids, weights, torch.from_numpy(gate), mix[0], torch.from_numpy(up), mix[1],
+                            torch.from_numpy(down), mix[2], experts, hidden, inter).double()
+    ref = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(k):
+            e = int(ids[t, j])
+            h = torch.nn.functional.silu(dense[0][e] @ x[t].double()) * (dense[1][e] @ x[t].double())
+            ref[t] += float(weights[t, j]) * (dense[2][e] @ h)
+    # Both x and the intermediate h are rounded to int8 (about 0.5% relative each): 3% is ample,
+    # while any wrong block layout or scale gives errors of order 100%.
+    rel = ((y - ref).norm(dim=1) / ref.norm(dim=1)).max()
+    assert rel < 0.03, f"{[t.name for t in mix]} relative error {rel:.4g}"

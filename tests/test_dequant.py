@@ -22,11 +22,9 @@ REQUIRED = (
 TYPES = [GGMLQuantizationType[name] for name in REQUIRED]
 
 
-def shapes_for(qtype):
-    """Torch-order shapes of a few hundred blocks at most: odd row counts and an expert-like stack."""
-    block = block_info(qtype)[0]
-    row = 256 if block == 1 else block * max(1, 256 // block)  # 256 elements, whatever the block size
-    return [(row,), (1, row), (3, 2 * row), (7, row), (3, 5, row)]
+# Torch-order shapes of at most a few hundred blocks: 1-D, odd row counts, an expert-like stack.
+# Every row is a multiple of 256 elements (one k-quant block, eight 32-element blocks).
+SHAPES = [(256,), (1, 256), (3, 512), (7, 1024), (3, 5, 1024)]
 
 
 def oracle(raw: np.ndarray, qtype, shape) -> np.ndarray:
@@ -62,7 +60,7 @@ def test_every_required_type_is_supported():
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matches_gguf_on_random_bytes(qtype):
     rng = np.random.default_rng(qtype.value)
-    for shape in shapes_for(qtype):
+    for shape in SHAPES:
         raw = random_bytes_with_finite_scales(qtype, shape, rng)
         ours = dequantize(raw, qtype, shape)
         assert ours.dtype == torch.float32 and tuple(ours.shape) == shape
@@ -72,7 +70,7 @@ def test_matches_gguf_on_random_bytes(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_matches_gguf_on_random_quant_bytes(qtype):
     rng = np.random.default_rng(1000 + qtype.value)
-    for shape in shapes_for(qtype)[2:]:
+    for shape in SHAPES[2:]:
         raw = random_quant_bytes(qtype, shape, rng, scale=0.02)
         assert raw.dtype == np.uint8 and raw.ndim == 1
         assert torch.equal(dequantize(raw, qtype, shape), torch.from_numpy(oracle(raw, qtype, shape)))
@@ -82,11 +80,20 @@ def test_matches_gguf_on_random_quant_bytes(qtype):
 @pytest.mark.parametrize("scale", [0.02, 0.001])
 def test_random_quant_bytes_spread(qtype, scale):
     rng = np.random.default_rng(7)
-    shape = (4, 2 * shapes_for(qtype)[0][0])
+    shape = (4, 512)
     values = torch.from_numpy(oracle(random_quant_bytes(qtype, shape, rng, scale=scale), qtype, shape))
     assert torch.isfinite(values).all()
     assert scale / 2 < values.std().item() < scale * 2
     assert abs(values.mean().item()) < scale  # roughly centred, like real weights
+
+
+def test_random_quant_bytes_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="Q4_K: shape \\(2, 100\\) needs a last dimension that is a multiple of 256"):
+        random_quant_bytes("Q4_K", (2, 100), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="TQ2_0 is not supported"):
+        random_quant_bytes("TQ2_0", (256,), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="beyond the fp16 range"):
+        random_quant_bytes("Q8_0", (1, 32), np.random.default_rng(0), scale=1e7)
 
 
 def test_random_quant_bytes_is_reproducible_and_random():
@@ -192,7 +199,7 @@ def test_bad_out_buffer_is_reported():
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_cuda_decoding_matches_cpu(qtype):
     rng = np.random.default_rng(2000 + qtype.value)
-    shape = shapes_for(qtype)[-1]
+    shape = SHAPES[-1]
     raw = random_bytes_with_finite_scales(qtype, shape, rng)
     on_gpu = dequantize(torch.from_numpy(raw).cuda(), qtype, shape)
     assert on_gpu.is_cuda

@@ -51,7 +51,7 @@ def read_gguf_floats(path) -> dict[str, torch.Tensor]:
 
 def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
     heads, nope, v_dim = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
-    sd, experts = {}, {}
+    sd, fused = {}, {}  # fused: per layer, the GGUF tensors HF stores combined
     for name, value in tensors.items():
         parts = name.split(".")
         if parts[0] != "blk":
@@ -60,15 +60,13 @@ def hf_state_dict(tensors: dict[str, torch.Tensor], cfg: dict) -> dict[str, torc
         layer, stem, prefix = parts[1], parts[2], f"model.layers.{parts[1]}."
         if stem == "exp_probs_b":
             sd[prefix + "mlp.gate.e_score_correction_bias"] = value
-        elif stem.endswith("_exps"):
-            experts.setdefault(layer, {})[stem] = value
-        elif stem in ("attn_k_b", "attn_v_b"):  # llama.cpp's split: k_b (H, kv_lora, nope), v_b (H, v, kv_lora)
-            experts.setdefault(layer, {})[stem] = value
+        elif stem.endswith("_exps") or stem in ("attn_k_b", "attn_v_b"):
+            fused.setdefault(layer, {})[stem] = value
         else:
             sd[prefix + LAYER_NAMES[stem] + ".weight"] = value
-    for layer, group in experts.items():
+    for layer, group in fused.items():
         prefix = f"model.layers.{layer}."
-        if "attn_k_b" in group:
+        if "attn_k_b" in group:  # llama.cpp's split: k_b (H, kv_lora, nope) transposed, v_b (H, v, kv_lora)
             kv_b = torch.cat([group["attn_k_b"].transpose(1, 2), group["attn_v_b"]], dim=1)
             sd[prefix + "self_attn.kv_b_proj.weight"] = kv_b.reshape(heads * (nope + v_dim), -1)
         if "ffn_gate_exps" in group:
@@ -156,7 +154,8 @@ def split_kv_b_copy(src, dst, cfg):
         data = np.array(t.data)
         if t.name.endswith("attn_kv_b.weight"):
             per_head = data.reshape(heads, nope + v_dim, -1)
-            writer.add_tensor(t.name.replace("kv_b", "k_b"), np.ascontiguousarray(per_head[:, :nope].transpose(0, 2, 1)))
+            k_b = per_head[:, :nope].transpose(0, 2, 1)  # stored transposed: (heads, kv_lora, nope)
+            writer.add_tensor(t.name.replace("kv_b", "k_b"), np.ascontiguousarray(k_b))
             writer.add_tensor(t.name.replace("kv_b", "v_b"), np.ascontiguousarray(per_head[:, nope:]))
         else:
             writer.add_tensor(t.name, data)
@@ -200,7 +199,8 @@ def test_without_model_path_same_logits_and_tokens(tiny_model, rules):
     ids = prompt_ids(with_dir.config.vocab_size)
     assert torch.equal(gguf_only.model(ids, 0), with_dir.model(ids, 0))
     texts = ["Hello world, this is a test.", "Numbers 1234567 and 3.14159!", "你好，世界。こんにちは カタカナ",
-             "don't STOP  spaces\n\nnew\tlines", "<｜User｜>Hi<｜Assistant｜><think>hmm</think>ok<｜end▁of▁sentence｜>"]
+             "don't STOP  spaces\n\nnew\tlines",
+             "<｜User｜>Hi<｜Assistant｜><think>hmm</think>ok<｜end▁of▁sentence｜>"]
     for text in texts:
         assert gguf_only.tokenizer(text).input_ids == with_dir.tokenizer(text).input_ids, text
         ids_ = with_dir.tokenizer(text).input_ids

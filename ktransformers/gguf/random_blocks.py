@@ -78,6 +78,8 @@ def random_quant_bytes(ggml_type, shape: Sequence[int], rng: np.random.Generator
         ratio = -scaled / shift if shift != 0 else 0.0
     spread = float(decode(d, ratio * d).std())
     factor = scale / spread if spread > 0 else 0.0
+    if max(1.0, abs(ratio)) * 1.5 * factor > float(np.finfo(np.float16).max):
+        raise ValueError(f"{qtype.name}: scale {scale} needs fp16 block scales beyond the fp16 range")
     decode(d * factor, ratio * d * factor)
     return blocks.reshape(-1)
 

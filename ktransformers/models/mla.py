@@ -95,7 +95,7 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""
         n_tokens = x.shape[0]
-        if n_tokens == 1 and self.decode_graphs is not None and x.device == self.device:
+        if n_tokens == 1 and self.decode_graphs is not None and x.device == self.kv_cache.device:
             return self.decode_graphs(x, start_pos)
         end = start_pos + n_tokens
         rotations = self.rope.rotations(start_pos, end, self.device)

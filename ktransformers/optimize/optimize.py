@@ -128,5 +128,7 @@ class Rules:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{rule.where}: places {module_name!r} on {device} but CUDA is not available "
                              "(use the CPU rules, e.g. DeepSeek-V3-Chat-cpu.yaml)")
+        if device.type == "cuda" and device.index is None:  # tensors report cuda:N; compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
         dtype = rule.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         return Placement(rule.backend, device, dtype, dict(rule.kwargs), rule.where)

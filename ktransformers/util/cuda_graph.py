@@ -83,7 +83,7 @@ class StaticDecoder:
             x = run(layer.post_attention_layernorm, self.hidden)
             self.x_moe.copy_(x)
             ids, weights = run(layer.mlp.gate, x)
-            self.x_host.copy_(x, non_blocking=True)
+            self.x_host.copy_(x.float(), non_blocking=True)
             self.ids_host.copy_(ids, non_blocking=True)
             self.w_host.copy_(weights, non_blocking=True)
         return segment
@@ -201,7 +201,7 @@ class StaticDecoder:
             combine()
             clock.lap("combine")
         self.head()
-        logits = self.logits.to("cpu")
+        logits = self.logits.to("cpu", copy=True)  # never hand out the static buffer itself
         clock.lap("head")
         return logits
 

@@ -66,10 +66,10 @@ def bit_planes(field: torch.Tensor, bits: int, rows: int = 1, dtype: torch.dtype
     its bytes. With rows=1 that is ggml's usual "all low nibbles, then all high nibbles" order;
     with rows=k the codes of one byte end up adjacent, least significant first.
     """
-    n = field.shape[0]
+    n, k = field.shape
     packed = field.contiguous()
     mask = (1 << bits) - 1
-    codes = torch.empty(n, rows, 8 // bits, field.shape[1] // rows, dtype=dtype, device=field.device)
+    codes = torch.empty(n, rows, 8 // bits, k // rows, dtype=dtype, device=field.device)
     for plane, shift in enumerate(range(0, 8, bits)):
         values = packed >> shift if shift else packed
         values = values & mask if shift + bits < 8 else values

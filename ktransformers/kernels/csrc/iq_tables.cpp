@@ -23,8 +23,6 @@ const TableSpec kTableSpecs[6] = {
 
 namespace {
 
-bool g_loaded[6] = {};
-
 // One ksigns byte -> 8 int8 of +1 (bit clear) or -1 (bit set), element i from bit i.
 uint64_t expand_signs(uint8_t bits) {
     uint64_t out = 0;
@@ -79,14 +77,7 @@ void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbyt
         } else {
             for (int s = 0; s < 128; ++s) sign_pm1[s] = expand_signs(data[s]);
         }
-        g_loaded[i] = true;
         return;
     }
     throw std::invalid_argument("IQ table '" + name + "': unknown table name");
-}
-
-bool kt_iq_tables_ready() {
-    for (bool loaded : kt::iq::g_loaded)
-        if (!loaded) return false;
-    return true;
 }

@@ -31,6 +31,3 @@ extern const TableSpec kTableSpecs[6];
 // Stores one table. name is one of kt::iq::kTableSpecs; a wrong name or byte count throws
 // std::invalid_argument naming the table and the reason (nothing is written then).
 void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbytes);
-
-// True once every table of kTableSpecs has been stored at least once.
-bool kt_iq_tables_ready();

@@ -1,0 +1,125 @@
+"""Hybrid decode: the overlapped MoE and the static (CUDA-graph) decoder give the model's own results.
+
+CPU tests run everywhere (the overlap's worker thread and the static decode path run eagerly);
+the GPU tests place the tiny model with the one-GPU rules and skip cleanly without CUDA.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from ktransformers import kernels
+from ktransformers.models.hybrid_moe import OverlappedMoE, enable_overlap
+from ktransformers.models.layers import MoE
+from ktransformers.models.loader import load_model
+from ktransformers.optimize.optimize import default_rules_path
+from ktransformers.util.cuda_graph import StaticDecoder
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+PROMPT = torch.tensor([[3, 17, 42, 5, 99, 7, 64, 12, 31]])
+
+
+def load(tiny_model, cuda: bool):
+    path = tiny_model(quant_mix="q4_k_m")
+    return load_model(path, device="cuda" if cuda else "cpu", optimize_config_path=default_rules_path(cuda),
+                      max_context=64).model
+
+
+def moe_layers(model):
+    return [layer for layer in model.model.layers if isinstance(layer.mlp, (MoE, OverlappedMoE))]
+
+
+def test_overlapped_moe_runs_routed_experts_on_a_worker_and_equals_sequential(tiny_model):
+    model = load(tiny_model, cuda=False)
+    moe = moe_layers(model)[0].mlp
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    threads = []
+    moe.experts.register_forward_pre_hook(lambda m, a: threads.append(threading.current_thread()))
+    with torch.inference_mode():
+        expected = moe(x)
+        got = OverlappedMoE(moe)(x)
+    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_enable_overlap_keeps_the_logits(tiny_model):
+    model = load(tiny_model, cuda=False)
+    expected = model(PROMPT, 0)
+    assert enable_overlap(model) == len(moe_layers(model)) > 0
+    assert all(isinstance(layer.mlp, OverlappedMoE) for layer in moe_layers(model))
+    torch.testing.assert_close(model(PROMPT, 0), expected, rtol=0, atol=0)
+
+
+def decode_through(decoder, model, prompt, extra):
+    """Prefill prompt[:-1] with the model, then step the last prompt token and `extra` tokens."""
+    n = prompt.shape[1]
+    model(prompt[:, :-1], 0)
+    tokens = prompt[0, -1:].tolist() + extra
+    return torch.stack([decoder.step(t, n - 1 + i) for i, t in enumerate(tokens)])
+
+
+def reference_logits(model, prompt, extra):
+    full = torch.cat([prompt, torch.tensor([extra])], dim=1)
+    return model(full, 0)[0, prompt.shape[1] - 1:].float().cpu()
+
+
+def test_static_decoder_matches_the_model_on_cpu(tiny_model):
+    model = load(tiny_model, cuda=False)
+    enable_overlap(model)
+    decoder = StaticDecoder(model, use_cuda_graph=True)
+    assert not decoder.use_graphs  # no CUDA here: the same segments run eagerly
+    extra = [8, 77, 21]
+    got = decode_through(decoder, model, PROMPT, extra)
+    torch.testing.assert_close(got, reference_logits(model, PROMPT, extra), rtol=1e-4, atol=1e-4)
+
+
+def test_static_decoder_profile_splits_the_step(tiny_model):
+    model = load(tiny_model, cuda=False)
+    decoder = StaticDecoder(model)
+    model(PROMPT, 0)
+    profile = {}
+    decoder.step(5, PROMPT.shape[1], profile)
+    n_moe = len(moe_layers(model))
+    assert set(profile) == {"embed", "dense", "moe_gpu", "experts", "combine", "head"} if n_moe < len(
+        model.model.layers) else {"embed", "moe_gpu", "experts", "combine", "head"}
+    assert all(seconds > 0 for seconds in profile.values())
+
+
+def test_step_outside_the_context_window_is_refused(tiny_model):
+    model = load(tiny_model, cuda=False)
+    decoder = StaticDecoder(model)
+    with pytest.raises(ValueError, match="context window of 64"):
+        decoder.step(1, 64)
+    with pytest.raises(ValueError, match="position -1"):
+        decoder.step(1, -1)
+
+
+@needs_cuda
+def test_overlapped_moe_on_gpu_equals_sequential(tiny_model):
+    model = load(tiny_model, cuda=True)
+    moe = moe_layers(model)[0].mlp
+    assert moe.experts.placement.device.type == "cpu" and moe.gate.placement.device.type == "cuda"
+    x = torch.randn(3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = moe(x)
+        got = OverlappedMoE(moe)(x)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@needs_cuda
+def test_cuda_graph_decoder_matches_eager_and_the_model(tiny_model):
+    model = load(tiny_model, cuda=True)
+    enable_overlap(model)
+    extra = [8, 77, 21, 4]
+    graphed = StaticDecoder(model, use_cuda_graph=True)
+    got = decode_through(graphed, model, PROMPT, extra)
+    assert graphed.use_graphs and graphed.graphs_captured
+    eager = decode_through(StaticDecoder(model, use_cuda_graph=False), model, PROMPT, extra)
+    torch.testing.assert_close(got, eager, rtol=1e-3, atol=1e-3)
+    reference = reference_logits(model, PROMPT, extra)  # bf16 prefill path: looser
+    torch.testing.assert_close(got, reference, rtol=5e-2, atol=5e-2)
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
