@@ -21,6 +21,7 @@ from ktransformers.gguf.ggml_types import block_info, resolve_type
 from ktransformers.gguf.random_blocks import scale_fields, write_scale
 
 MB = 1e6
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def best_seconds(fn, repeats: int, device: torch.device = torch.device("cpu")) -> float:
@@ -46,10 +47,9 @@ def copy_bandwidth(repeats: int, device: torch.device) -> float:
 def sample_blocks(qtype, n_rows: int, n_cols: int, rng) -> np.ndarray:
     """Random bytes with sane fp16 scales (decode speed does not depend on the values)."""
     elements, block_bytes = block_info(qtype)
-    if elements == 1:
-        values = rng.standard_normal(n_rows * n_cols, dtype=np.float32)
-        return torch.from_numpy(values).to(torch.bfloat16 if qtype.name == "BF16" else
-                                           {"F32": torch.float32, "F16": torch.float16}[qtype.name]).view(torch.uint8).numpy()
+    if elements == 1:  # F32 / F16 / BF16
+        values = torch.from_numpy(rng.standard_normal(n_rows * n_cols, dtype=np.float32))
+        return values.to(FLOAT_DTYPES[qtype.name]).view(torch.uint8).numpy()
     blocks = rng.integers(0, 256, size=(n_rows * n_cols // elements, block_bytes), dtype=np.uint8)
     for name in scale_fields(qtype):
         write_scale(blocks, qtype, name, rng.uniform(1e-4, 1e-3, blocks.shape[0]))

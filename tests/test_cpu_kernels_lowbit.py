@@ -1,4 +1,4 @@
-"""Low-bit native dot kernels (IQ1_S ... IQ4_XS) against gguf.quants.dequantize as the oracle.
+"""Low-bit native dot kernels (IQ1_S ... IQ4_NL) against gguf.quants.dequantize as the oracle.
 
 Every case draws fresh random weight blocks and activations, runs them through
 the public `ktransformers.kernels.quant_linear` on every ISA this CPU offers, and compares with
@@ -17,11 +17,11 @@ if not kernels.available():
     pytest.fail(f"native kernels unavailable: {kernels.unavailable_reason()}", pytrace=False)
 _cpu = kernels._cpu
 
-LOWBIT = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL]
+LOWBIT = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.Q2_K, T.Q3_K, T.IQ4_XS, T.IQ4_NL]
 
 # Byte offsets of the plain fp16 scale fields in one block (IQ1_M's is split, see _set_scales).
-FP16_FIELDS = {T.IQ1_S: [0], T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ3_XXS: [0], T.Q2_K: [80, 82],
-               T.Q3_K: [108], T.IQ4_XS: [0], T.IQ4_NL: [0], T.IQ1_M: []}
+FP16_FIELDS = {T.IQ1_S: [0], T.IQ2_XXS: [0], T.IQ2_XS: [0], T.IQ2_S: [0], T.IQ3_XXS: [0], T.IQ3_S: [0],
+               T.Q2_K: [80, 82], T.Q3_K: [108], T.IQ4_XS: [0], T.IQ4_NL: [0], T.IQ1_M: []}
 
 
 def _set_scales(blocks: np.ndarray, ggml_type, rng) -> None:
@@ -127,7 +127,8 @@ def test_iq_tables_init_is_idempotent_and_checks_input():
     iq_tables.init(_cpu)
     iq_tables.init(_cpu)  # second call: no-op
     tables = iq_tables.collect_tables()
-    assert sorted(tables) == ["iq1s_grid", "iq2xs_grid", "iq2xxs_grid", "iq3xxs_grid", "iq4nl_values", "ksigns"]
+    assert sorted(tables) == ["iq1s_grid", "iq2s_grid", "iq2xs_grid", "iq2xxs_grid", "iq3s_grid", "iq3xxs_grid",
+                              "iq4nl_values", "ksigns"]
     with pytest.raises(ValueError, match="iq2xxs_grid.*expected 2048 bytes, got 7"):
         _cpu.init_iq_table("iq2xxs_grid", b"\x00" * 7)
     with pytest.raises(ValueError, match="'no_such_table'.*unknown"):
@@ -148,7 +149,7 @@ def test_iq_tables_init_is_idempotent_and_checks_input():
 
 # The routed-expert mixes of the Unsloth dynamic quants (gate, up, down).
 MOE_MIXES = [(T.IQ1_S, T.IQ1_S, T.Q2_K), (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), (T.IQ1_M, T.IQ1_M, T.Q3_K),
-             (T.IQ2_XXS, T.IQ2_XXS, T.IQ3_XXS), (T.IQ2_XS, T.IQ2_XS, T.IQ4_XS)]
+             (T.IQ2_XXS, T.IQ2_XXS, T.IQ3_XXS), (T.IQ2_XS, T.IQ2_XS, T.IQ4_XS), (T.IQ2_S, T.IQ2_S, T.IQ3_S)]
 
 
 @pytest.mark.parametrize("mix", MOE_MIXES, ids=lambda m: "-".join(t.name for t in m))

@@ -35,6 +35,8 @@ def collect_tables() -> dict[str, bytes]:
         "iq2xxs_grid": _grid(quants.IQ2_XXS, 256, 8, np.uint8, magnitudes2),
         "iq2xs_grid": _grid(quants.IQ2_XS, 512, 8, np.uint8, magnitudes2),
         "iq3xxs_grid": _grid(quants.IQ3_XXS, 256, 4, np.uint8, {4, 12, 20, 28, 36, 44, 52, 62}),
+        "iq2s_grid": _grid(quants.IQ2_S, 1024, 8, np.uint8, magnitudes2),
+        "iq3s_grid": _grid(quants.IQ3_S, 512, 4, np.uint8, {1, 3, 5, 7, 9, 11, 13, 15}),
         "ksigns": ksigns,
         "iq4nl_values": np.array(quants.IQ4_NL.kvalues, dtype=np.int8).tobytes(),
     }

@@ -96,7 +96,15 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     Returns [*index] or [*index, width]. (index_select is the fast gather here; a 1-D table beats
     a [rows, 1] one several times over.)
     """
-    found = torch.index_select(placed(table, index.device), 0, index.int().reshape(-1))
+    table = placed(table, index.device)
+    rows = index.int().reshape(-1)
+    if table.dim() == 2 and table.device.type != "cpu":
+        # GPUs gather single elements ~10x faster than short rows: index the flattened table
+        width = table.shape[1]
+        columns = torch.arange(width, dtype=torch.int32, device=table.device)
+        found = torch.index_select(table.reshape(-1), 0, (rows.unsqueeze(1) * width + columns).reshape(-1))
+    else:
+        found = torch.index_select(table, 0, rows)
     return found.view(*index.shape, *table.shape[1:])
 
 

@@ -11,14 +11,17 @@ alignas(64) uint64_t iq1s_grid_u8[2048];
 alignas(64) uint64_t iq1m_grid_delta[4096];
 alignas(64) uint64_t iq2xxs_grid[256];
 alignas(64) uint64_t iq2xs_grid[512];
+alignas(64) uint64_t iq2s_grid[1024];
 alignas(64) uint32_t iq3xxs_grid[256];
+alignas(64) uint32_t iq3s_grid[512];
 alignas(64) uint64_t sign_pm1[128];
 alignas(16) int8_t iq4nl_values[16];
 
-const TableSpec kTableSpecs[6] = {
+const TableSpec kTableSpecs[8] = {
     {"iq1s_grid", sizeof iq1s_grid},     {"iq2xxs_grid", sizeof iq2xxs_grid},
     {"iq2xs_grid", sizeof iq2xs_grid},   {"iq3xxs_grid", sizeof iq3xxs_grid},
     {"ksigns", 128},                      {"iq4nl_values", sizeof iq4nl_values},
+    {"iq2s_grid", sizeof iq2s_grid},     {"iq3s_grid", sizeof iq3s_grid},
 };
 
 namespace {
@@ -56,6 +59,8 @@ void* destination(int index) {
         case 2: return iq2xs_grid;
         case 3: return iq3xxs_grid;
         case 5: return iq4nl_values;
+        case 6: return iq2s_grid;
+        case 7: return iq3s_grid;
         default: return nullptr;  // ksigns is stored in its expanded form
     }
 }
@@ -65,7 +70,7 @@ void* destination(int index) {
 
 void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbytes) {
     using namespace kt::iq;
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < 8; ++i) {
         if (name != kTableSpecs[i].name) continue;
         if (nbytes != kTableSpecs[i].nbytes)
             throw std::invalid_argument("IQ table '" + name + "': expected " +

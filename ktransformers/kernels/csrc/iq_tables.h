@@ -17,14 +17,16 @@ alignas(64) extern uint64_t iq1s_grid_u8[2048];
 alignas(64) extern uint64_t iq1m_grid_delta[4096];
 alignas(64) extern uint64_t iq2xxs_grid[256];  // uint8 magnitudes in {8, 25, 43}
 alignas(64) extern uint64_t iq2xs_grid[512];   // uint8 magnitudes in {8, 25, 43}
+alignas(64) extern uint64_t iq2s_grid[1024];   // uint8 magnitudes in {8, 25, 43}
 alignas(64) extern uint32_t iq3xxs_grid[256];  // 4 uint8 magnitudes in {4, ..., 62}
+alignas(64) extern uint32_t iq3s_grid[512];    // 4 uint8 magnitudes in {1, 3, ..., 15}
 // ksigns[i] (7 sign bits + parity bit) expanded to 8 int8 of +1 / -1, for _mm256_sign_epi8.
 alignas(64) extern uint64_t sign_pm1[128];
 alignas(16) extern int8_t iq4nl_values[16];    // IQ4_NL / IQ4_XS non-linear values
 
 // Names and byte sizes of the tables kt_init_iq_tables accepts.
 struct TableSpec { const char* name; size_t nbytes; };
-extern const TableSpec kTableSpecs[6];
+extern const TableSpec kTableSpecs[8];
 
 }  // namespace kt::iq
 
