@@ -41,9 +41,11 @@ class QuantTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Decode the blocks into a dense tensor of `shape`."""
-        from .dequant import dequantize  # written alongside this module; imported late on purpose
+        from .dequant import dequantize_rows  # imported late: reading a file needs no torch decoders
 
-        return dequantize(self.raw(), self.ggml_type, self.shape).to(dtype)
+        # decode straight into `dtype`: no float32 copy of a whole bf16 tensor
+        n_cols = self.shape[-1]
+        return dequantize_rows(self.raw(), self.ggml_type, prod(self.shape) // n_cols, n_cols, dtype=dtype).view(self.shape)
 
     def select(self, index: int) -> QuantTensor:
         """The `index`-th slice along dim 0 (e.g. one expert of an `ffn_*_exps` stack), without copying."""
