@@ -80,7 +80,7 @@ def call_scaling(ggml_type, size_mb, rng):
     """Per-call decode time for growing matrices: the fit t = overhead + bytes / rate separates the
     fixed cost of a call (Python, thread wake-up, tail imbalance) from streaming."""
     K, points = HIDDEN, []
-    for N in (64, 512, 2048, 8192):
+    for N in (16, 512, 2048, 8192):
         matrix_bytes = N * row_nbytes(ggml_type, K)
         count = max(2, min(4096, (size_mb << 20) // matrix_bytes))
         weights = filled(ggml_type, N * count, K, rng).view(count, matrix_bytes)

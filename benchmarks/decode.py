@@ -1,7 +1,8 @@
 """Prefill and decode speed of DeepSeek-V3 at its real widths, extrapolated to 61 layers, next to the roofline.
 
     python benchmarks/decode.py --mode hybrid --mix q4_k_m,ud-iq1_s [--layers 3] [--dense 1]
-        [--prefill 128,1024,4096] [--decode 32] [--no-cuda-graph] [--json out.json] [--override key=value]
+        [--prefill 128,1024,4096] [--decode 32] [--no-cuda-graph] [--gpu-prefill-min 512] [--threads N]
+        [--json out.json] [--override key=value]
 
 A synthetic model (benchmarks/synthetic_model.py: random valid blocks, real DeepSeek-V3 widths,
 `--dense` dense + the rest MoE layers) is placed by the GPU rules (--mode hybrid: attention,
@@ -155,17 +156,54 @@ def measure_decode(model, n_dense: int, n_tokens: int, context: int, vocab: int,
             "fixed_s": fixed, "step_s_61_layers": full, "tokens_per_s_61_layers": 1.0 / full}
 
 
+def profile_gpu_prefill_route(model, n_tokens: int) -> dict:
+    """Seconds per MoE layer of the GPU prefill route's parts for n_tokens random tokens: uploading
+    all chunks, decoding them to bf16 (after upload), and the whole call."""
+    moe = next(layer.mlp for layer in model.model.layers if getattr(layer.mlp, "prefill_experts", None))
+    streamed = moe.prefill_experts
+    hidden, k = streamed.hidden, model.config.num_experts_per_tok
+    x = torch.randn(n_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(streamed.n_experts)[:k] for _ in range(n_tokens)]).cuda()
+    weights = torch.rand(n_tokens, k, device="cuda")
+    chunks = [(lo, min(lo + streamed.per_chunk, streamed.n_experts))
+              for lo in range(0, streamed.n_experts, streamed.per_chunk)]
+
+    def timed(fn):
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def uploads():
+        for i, (lo, hi) in enumerate(chunks):
+            streamed._upload(lo, hi, i % 2)
+
+    def upload_and_decode():
+        for i, (lo, hi) in enumerate(chunks):
+            streamed._decode(streamed._upload(lo, hi, i % 2), hi - lo, i % 2)
+
+    upload = timed(uploads)
+    decode = timed(upload_and_decode) - upload
+    full = timed(lambda: streamed(x, ids, weights))
+    return {"tokens": n_tokens, "upload_s": upload, "dequant_s": decode, "matmul_s": full - upload - decode,
+            "total_s": full, "layer_bytes": sum(raw.numel() for raw in streamed.stacks)}
+
+
 def run_mix(args, mix: str, bandwidth: float, hw: dict) -> dict:
     cuda = args.mode == "hybrid"
     n_dense, n_moe = args.dense, args.layers - args.dense
     start = time.perf_counter()
     model, small, full = synthetic_model.build_model(n_dense, n_moe, mix, cuda, args.max_context, **args.override)
-    enable_overlap(model)
+    enable_overlap(model, args.gpu_prefill_min if args.gpu_prefill_min > 0 else None)
     build_s = time.perf_counter() - start
     print(f"[{args.mode} {mix}] built {n_dense} dense + {n_moe} MoE layers in {build_s:.1f} s", flush=True)
     vocab = small["vocab_size"]
 
     model(torch.randint(0, vocab, (1, 8)), 0)  # warm up lazily initialised paths
+    if cuda and args.gpu_prefill_min > 0:  # and the GPU prefill route (its pinned staging buffers)
+        model(torch.randint(0, vocab, (1, args.gpu_prefill_min)), 0)
     prefill = []
     for length in args.prefill:
         prefill.append(measure_prefill(model, n_dense, length, vocab))
@@ -174,10 +212,17 @@ def run_mix(args, mix: str, bandwidth: float, hw: dict) -> dict:
               f"MoE {p['moe_layer_s'] * 1e3:.1f} ms/layer -> {p['tokens_per_s_61_layers']:.1f} tok/s at 61 layers",
               flush=True)
     decode = measure_decode(model, n_dense, args.decode, args.context, vocab, not args.no_cuda_graph)
+    route = None
+    if cuda and args.gpu_prefill_min > 0:
+        route = profile_gpu_prefill_route(model, max(args.prefill))
+        print(f"[{args.mode} {mix}] GPU prefill route, one MoE layer, {route['tokens']} tokens: upload "
+              f"{route['layer_bytes'] / 1e9:.2f} GB in {route['upload_s'] * 1e3:.0f} ms "
+              f"({route['layer_bytes'] / route['upload_s'] / 1e9:.1f} GB/s), dequant {route['dequant_s'] * 1e3:.0f} ms, "
+              f"matmuls {route['matmul_s'] * 1e3:.0f} ms, total {route['total_s'] * 1e3:.0f} ms", flush=True)
     bytes_per_token = synthetic_model.routed_bytes_per_token(full, mix)
     roofline = bandwidth / bytes_per_token
     result = {"mode": args.mode, "mix": mix, "layers": [n_dense, n_moe], "build_s": build_s, "prefill": prefill,
-              "decode": decode, "routed_bytes_per_token": bytes_per_token, "roofline_tokens_per_s": roofline,
+              "decode": decode, "gpu_prefill_route": route, "routed_bytes_per_token": bytes_per_token, "roofline_tokens_per_s": roofline,
               "ratio": decode["tokens_per_s_61_layers"] / roofline,
               "expert_bandwidth_GBps": bytes_per_token / FULL_MOE / 1e9 / max(decode["moe_experts_s"], 1e-9)}
     print(f"[{args.mode} {mix}] decode: {decode['step_s'] * 1e3:.1f} ms/step here (eager {decode['eager_step_s'] * 1e3:.1f}),"
@@ -198,6 +243,9 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=128, help="prompt length before decoding")
     parser.add_argument("--max-context", type=int, default=4224)
     parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--gpu-prefill-min", type=int, default=512,
+                        help="hybrid: prefill chunks this long run routed experts on the GPU (0: never)")
+    parser.add_argument("--threads", type=int, help="CPU kernel threads (default: KT_CPU_INFER or all cores)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=INT",
@@ -212,6 +260,8 @@ def main(argv=None):
         parser.error("--max-context must cover the longest prefill and context + decode")
     args.override = {k: int(v) for k, v in (item.split("=", 1) for item in args.override)}
 
+    if args.threads:
+        kernels.set_num_threads(args.threads)
     hw = hardware()
     bandwidth = memory_bandwidth(args.bandwidth_mb)
     print(f"hardware: {hw}; measured CPU memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)

@@ -223,3 +223,16 @@ def test_thread_count_changes_nothing_but_speed():
     finally:
         kernels.set_num_threads(before)
     assert torch.equal(one, three), f"seed {seed}"
+
+
+def test_concurrent_calls_from_python_threads_agree():
+    from concurrent.futures import ThreadPoolExecutor
+
+    seed = new_seed()
+    rng = np.random.default_rng(seed)
+    raw = torch.from_numpy(random_weight(G.Q6_K, 67, 512, rng))
+    xs = [torch.from_numpy(rng.standard_normal((3, 512)).astype(np.float32)) for _ in range(8)]
+    alone = [kernels.quant_linear(x, raw, "Q6_K", 67, 512) for x in xs]
+    with ThreadPoolExecutor(4) as ex:  # the GIL is released: these really overlap
+        together = list(ex.map(lambda x: kernels.quant_linear(x, raw, "Q6_K", 67, 512), xs * 4))
+    assert all(torch.equal(a, b) for a, b in zip(alone * 4, together)), f"seed {seed}"

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 from ktransformers import kernels
+from ktransformers.gguf import open_gguf
+from ktransformers.models import gguf_names
+from ktransformers.operators.cpu_quant import CpuQuantExperts
+from ktransformers.operators.experts import TorchExperts
+from ktransformers.operators.gpu_prefill_experts import StreamedExperts
 from ktransformers.models.hybrid_moe import OverlappedMoE, enable_overlap
 from ktransformers.models.layers import MoE
 from ktransformers.models.loader import load_model
@@ -58,7 +63,15 @@ def decode_through(decoder, model, prompt, extra):
     n = prompt.shape[1]
     model(prompt[:, :-1], 0)
     tokens = prompt[0, -1:].tolist() + extra
-    return torch.stack([decoder.step(t, n - 1 + i) for i, t in enumerate(tokens)])
+    return torch.stack([decoder.step(t, n - 1 + i) for i, t in enumerate(tokens)]).cpu()
+
+
+def stepped_logits(model, prompt, extra):
+    """The model's own one-token forwards after a prompt[:-1] prefill (the path StaticDecoder replaces)."""
+    n = prompt.shape[1]
+    model(prompt[:, :-1], 0)
+    tokens = prompt[0, -1:].tolist() + extra
+    return torch.stack([model(torch.tensor([[t]]), n - 1 + i)[0, 0] for i, t in enumerate(tokens)]).cpu()
 
 
 def reference_logits(model, prompt, extra):
@@ -73,7 +86,9 @@ def test_static_decoder_matches_the_model_on_cpu(tiny_model):
     assert not decoder.use_graphs  # no CUDA here: the same segments run eagerly
     extra = [8, 77, 21]
     got = decode_through(decoder, model, PROMPT, extra)
-    torch.testing.assert_close(got, reference_logits(model, PROMPT, extra), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, stepped_logits(model, PROMPT, extra), rtol=1e-5, atol=1e-5)
+    # and the whole sequence prefilled at once (the CPU kernels may round M=1 and M>1 apart)
+    torch.testing.assert_close(got, reference_logits(model, PROMPT, extra), rtol=5e-2, atol=5e-2)
 
 
 def test_static_decoder_profile_splits_the_step(tiny_model):
@@ -86,6 +101,31 @@ def test_static_decoder_profile_splits_the_step(tiny_model):
     assert set(profile) == {"embed", "dense", "moe_gpu", "experts", "combine", "head"} if n_moe < len(
         model.model.layers) else {"embed", "moe_gpu", "experts", "combine", "head"}
     assert all(seconds > 0 for seconds in profile.values())
+
+
+def expert_stacks(tiny_model, layer):
+    model = open_gguf(tiny_model(quant_mix="q4_k_m"))
+    return [model[name] for name in gguf_names.experts_names(f"model.layers.{layer}.mlp.experts")]
+
+
+def routing(n_tokens, hidden, n_experts, k, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n_tokens, hidden, generator=g)
+    ids = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(n_tokens)])
+    weights = torch.rand(n_tokens, k, generator=g)
+    return x.to(device), ids.to(device), weights.to(device)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one expert per chunk / all experts in one
+def test_streamed_experts_equal_the_dequantized_reference(tiny_model, chunk_bytes):
+    stacks = expert_stacks(tiny_model, 1)
+    reference = TorchExperts(*stacks, "cpu", torch.float32)
+    streamed = StreamedExperts(CpuQuantExperts(*stacks), "cpu", torch.float32, chunk_bytes=chunk_bytes)
+    n_experts, _, hidden = stacks[0].shape
+    x, ids, weights = routing(6, hidden, n_experts, 3)
+    torch.testing.assert_close(streamed(x, ids, weights), reference(x, ids, weights), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expert id out of range"):
+        streamed(x, ids + n_experts, weights)
 
 
 def test_step_outside_the_context_window_is_refused(tiny_model):
@@ -104,7 +144,7 @@ def test_overlapped_moe_on_gpu_equals_sequential(tiny_model):
     assert moe.experts.placement.device.type == "cpu" and moe.gate.placement.device.type == "cuda"
     x = torch.randn(3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        expected = moe(x)
+        expected = MoE.forward(moe, x)  # the loader already overlapped it: run the sequential code
         got = OverlappedMoE(moe)(x)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
@@ -118,8 +158,36 @@ def test_cuda_graph_decoder_matches_eager_and_the_model(tiny_model):
     graphed = StaticDecoder(model, use_cuda_graph=True)
     got = decode_through(graphed, model, PROMPT, extra)
     assert graphed.use_graphs and graphed.graphs_captured
+    assert isinstance(model.step_decoder, StaticDecoder)  # the loader routes one-token forwards through one
+    model(PROMPT[:, :-1], 0)
+    torch.testing.assert_close(model(PROMPT[:, -1:], PROMPT.shape[1] - 1)[0, 0].cpu(), got[0], rtol=1e-3, atol=1e-3)
     eager = decode_through(StaticDecoder(model, use_cuda_graph=False), model, PROMPT, extra)
     torch.testing.assert_close(got, eager, rtol=1e-3, atol=1e-3)
     reference = reference_logits(model, PROMPT, extra)  # bf16 prefill path: looser
     torch.testing.assert_close(got, reference, rtol=5e-2, atol=5e-2)
     assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+
+
+@needs_cuda
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_streamed_experts_on_gpu_equal_the_reference(tiny_model, chunk_bytes):
+    stacks = expert_stacks(tiny_model, 1)
+    reference = TorchExperts(*stacks, "cpu", torch.float32)
+    streamed = StreamedExperts(CpuQuantExperts(*stacks), "cuda", torch.bfloat16, chunk_bytes=chunk_bytes)
+    n_experts, _, hidden = stacks[0].shape
+    x, ids, weights = routing(40, hidden, n_experts, 3)
+    for _ in range(2):  # the second call reuses the staging buffers
+        got = streamed(x.cuda(), ids.cuda(), weights.cuda())
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), reference(x, ids, weights), rtol=3e-2, atol=3e-2)
+
+
+@needs_cuda
+def test_gpu_prefill_route_keeps_the_logits(tiny_model):
+    model = load(tiny_model, cuda=True)
+    expected = model(PROMPT, 0)
+    enable_overlap(model, prefill_min_tokens=4)
+    assert all(layer.mlp.prefill_experts is not None for layer in moe_layers(model))
+    got = model(PROMPT, 0)
+    torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75

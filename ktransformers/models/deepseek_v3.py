@@ -69,6 +69,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config, self.max_context = cfg, max_context
         self.model = DeepseekModel(cfg, factory, max_context, progress, cuda_graphs)
         self.lm_head = factory.linear("lm_head")
+        # set by the loader on GPU: one-token steps then run through util/cuda_graph.StaticDecoder
+        self.step_decoder = None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -80,6 +82,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         if start_pos < 0 or start_pos + n_tokens > self.max_context:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tokens - 1} do not fit the context window of "
                              f"{self.max_context} tokens (max_context)")
+        if n_tokens == 1 and self.step_decoder is not None:
+            return self.step_decoder.step(int(input_ids[0, 0]), start_pos)[None, None]
         hidden = self.model.embed_tokens(input_ids[0])
         for layer in self.model.layers:
             hidden = layer(hidden, start_pos)

@@ -11,9 +11,11 @@ from transformers import AutoTokenizer, GenerationConfig
 from ktransformers import kernels
 from ktransformers.gguf import dequantize, open_gguf
 from ktransformers.optimize.optimize import Rules, default_rules_path
+from ktransformers.util.cuda_graph import StaticDecoder
 
 from .config import DeepseekConfig, config_from_gguf, load_hf_config
 from .deepseek_v3 import DeepseekV3ForCausalLM
+from .hybrid_moe import enable_overlap
 from .module_factory import ModuleFactory
 from .tokenizer_from_gguf import tokenizer_from_gguf
 
@@ -61,6 +63,8 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     device: the cuda device that rules saying "cuda" mean (default cuda when available, else cpu).
     cpu_infer: CPU threads for the CPU-side work (torch's and the native kernels' thread pools).
     cuda_graphs: replay CUDA graphs for one-token decode of attention layers placed wholly on cuda.
+        With a cuda device the MoE blocks also overlap CPU routed experts with the GPU shared experts,
+        and one-token steps go through util/cuda_graph.StaticDecoder (whole-layer graphs when cuda_graphs).
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -84,6 +88,9 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
         model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress, cuda_graphs=cuda_graphs)
     model.eval()
+    if device.type == "cuda":
+        enable_overlap(model)
+        model.step_decoder = StaticDecoder(model, use_cuda_graph=cuda_graphs)
 
     if model_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(model_path)

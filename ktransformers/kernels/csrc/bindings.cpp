@@ -95,6 +95,7 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
 py::tuple quantize_q8(py::buffer x, int64_t n) {
     if (n <= 0 || n % 32) throw py::value_error("quantize_q8: n must be a positive multiple of 32");
     const float* xp = buffer_ptr<float>(x, "x", n);
+    kernels_or_throw();
     kt::Q8Rows rows(1, n);
     rows.quantize(0, xp);
     const kt::Q8Row r = rows.row(0);

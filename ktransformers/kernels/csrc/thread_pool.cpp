@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 
 namespace kt {
@@ -8,7 +9,16 @@ namespace {
 
 constexpr auto kSpin = std::chrono::microseconds(200);
 
-inline void cpu_relax() { __builtin_ia32_pause(); }
+// PAUSE in a spin loop lets a hypervisor deschedule the vCPU (pause-loop exiting), which costs a
+// decode call tens of microseconds on VMs; KT_SPIN_PAUSE=0 spins on plain loads instead.
+const bool spin_pause = [] {
+    const char* env = std::getenv("KT_SPIN_PAUSE");
+    return !(env && env[0] == '0');
+}();
+
+inline void cpu_relax() {
+    if (spin_pause) __builtin_ia32_pause();
+}
 
 std::mutex pool_mutex;
 std::unique_ptr<ThreadPool> the_pool;
