@@ -236,3 +236,15 @@ def test_concurrent_calls_from_python_threads_agree():
     with ThreadPoolExecutor(4) as ex:  # the GIL is released: these really overlap
         together = list(ex.map(lambda x: kernels.quant_linear(x, raw, "Q6_K", 67, 512), xs * 4))
     assert all(torch.equal(a, b) for a, b in zip(alone * 4, together)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("K", [32, 96, 352])  # fewer than / not a multiple of the 8-block Q8_0 step
+def test_q8_0_rows_with_a_block_tail(isa, K):
+    seed = new_seed()
+    rng = np.random.default_rng(seed)
+    raw = random_weight(G.Q8_0, 9, K, rng)
+    x = torch.from_numpy(rng.standard_normal((2, K)).astype(np.float32))
+    y = kernels.quant_linear(x, torch.from_numpy(raw), G.Q8_0, 9, K).double()
+    w = dequant64(raw, G.Q8_0, 9, K)
+    xq, _ = q8_decode(x)
+    assert torch.all((y - xq @ w.T).abs() <= 1e-5 * (xq.abs() @ w.abs().T)), f"{isa} K={K} seed={seed}"
