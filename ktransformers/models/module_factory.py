@@ -10,7 +10,7 @@ import re
 import torch
 
 from ktransformers.operators.moe_gate import MoEGate
-from ktransformers.operators.registry import experts_backend, linear_backend
+from ktransformers.operators.registry import build_experts, build_linear
 
 from . import gguf_names
 from .config import DeepseekConfig
@@ -95,7 +95,7 @@ class ModuleFactory:
             weight = self.tensor(gguf_names.weight_name(module_name), module_name, self._leaf(module_name))
         bias = self.gguf.get(gguf_names.bias_name(module_name))
         bias = None if bias is None else bias.dequantize(torch.float32)
-        module = linear_backend(p.backend)(weight, bias, p.device, p.dtype, **p.kwargs)
+        module = build_linear(p.backend, weight, bias, p.device, p.dtype, **p.kwargs)
         return self._stamp(module, p)
 
     def norm(self, module_name: str):
@@ -120,7 +120,7 @@ class ModuleFactory:
         p = self.placement(module_name)
         stacks = [self.tensor(name, module_name, f"mlp.experts.{part}")
                   for name, part in zip(gguf_names.experts_names(module_name), ("gate", "up", "down"))]
-        return self._stamp(experts_backend(p.backend)(*stacks, p.device, p.dtype, **p.kwargs), p)
+        return self._stamp(build_experts(p.backend, *stacks, p.device, p.dtype, **p.kwargs), p)
 
     def kv_b(self, module_name: str):
         """Per-head W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora] from attn_kv_b or attn_k_b + attn_v_b."""
