@@ -13,7 +13,9 @@ Times are split per dense layer, per MoE layer and the fixed embedding + lm_head
 after each part), and scaled to 3 dense + 58 MoE layers; for decode the split's proportions are
 applied to the unsynchronised step time. Roofline: routed-expert bytes per token of the full
 model (top-8 x gate/up/down at the mix's per-layer types, 58 layers) / the memory bandwidth the
-kernels' streaming probe measures in the same run.
+kernels' streaming probe measures in the same run. In hybrid mode, prefill chunks of at least
+--gpu-prefill-min tokens run the routed experts on the GPU from streamed blocks; one such layer
+call is also split into upload / dequantization / matmuls.
 """
 
 from __future__ import annotations
@@ -214,7 +216,8 @@ def run_mix(args, mix: str, bandwidth: float, hw: dict) -> dict:
     decode = measure_decode(model, n_dense, args.decode, args.context, vocab, not args.no_cuda_graph)
     route = None
     if cuda and args.gpu_prefill_min > 0:
-        route = profile_gpu_prefill_route(model, max(args.prefill))
+        with torch.inference_mode():
+            route = profile_gpu_prefill_route(model, max(args.prefill))
         print(f"[{args.mode} {mix}] GPU prefill route, one MoE layer, {route['tokens']} tokens: upload "
               f"{route['layer_bytes'] / 1e9:.2f} GB in {route['upload_s'] * 1e3:.0f} ms "
               f"({route['layer_bytes'] / route['upload_s'] / 1e9:.1f} GB/s), dequant {route['dequant_s'] * 1e3:.0f} ms, "

@@ -15,7 +15,7 @@ from ktransformers.models import gguf_names
 from ktransformers.operators.cpu_quant import CpuQuantExperts
 from ktransformers.operators.experts import TorchExperts
 from ktransformers.operators.gpu_prefill_experts import StreamedExperts
-from ktransformers.models.hybrid_moe import OverlappedMoE, enable_overlap
+from ktransformers.models.hybrid_moe import HostStaging, OverlappedMoE, enable_overlap
 from ktransformers.models.layers import MoE
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
@@ -48,6 +48,16 @@ def test_overlapped_moe_runs_routed_experts_on_a_worker_and_equals_sequential(ti
         got = OverlappedMoE(moe)(x)
     assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_host_staging_reuses_one_buffer_per_role_and_grows_it():
+    staging = HostStaging()
+    big = staging.to_host("x", torch.arange(12.0).view(3, 4), torch.float32)
+    small = staging.to_host("x", torch.ones(1, 4), torch.float32)
+    assert small.data_ptr() == big.data_ptr() and small.shape == (1, 4) and small.sum() == 4
+    grown = staging.to_host("x", torch.ones(5, 4), torch.float32)
+    assert grown.shape == (5, 4) and grown.sum() == 20
+    assert staging.to_host("ids", torch.ones(1, 4, dtype=torch.int64), torch.int64).data_ptr() != grown.data_ptr()
 
 
 def test_enable_overlap_keeps_the_logits(tiny_model):
@@ -86,9 +96,15 @@ def test_static_decoder_matches_the_model_on_cpu(tiny_model):
     assert not decoder.use_graphs  # no CUDA here: the same segments run eagerly
     extra = [8, 77, 21]
     got = decode_through(decoder, model, PROMPT, extra)
-    torch.testing.assert_close(got, stepped_logits(model, PROMPT, extra), rtol=1e-5, atol=1e-5)
-    # and the whole sequence prefilled at once (the CPU kernels may round M=1 and M>1 apart)
+    # Rounding differs (the static attention scores every cache row, the CPU kernels round M=1 and M>1
+    # apart) and a near-tie in the router can flip one expert, so allow ~1e-2; a wrong cache row or
+    # position moves the logits by far more (checked below, so this comparison can fail).
+    stepped = stepped_logits(model, PROMPT, extra)
+    torch.testing.assert_close(got, stepped, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(got, reference_logits(model, PROMPT, extra), rtol=5e-2, atol=5e-2)
+    model(PROMPT[:, :-1], 0)
+    off_by_one = torch.stack([decoder.step(t, PROMPT.shape[1] + i) for i, t in enumerate([31] + extra)])
+    assert (off_by_one - stepped).abs().max() > 0.2
 
 
 def test_static_decoder_profile_splits_the_step(tiny_model):

@@ -15,6 +15,7 @@ kernels are compute bound then, so the routed experts run on the GPU from stream
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,16 +38,19 @@ def expert_worker() -> ThreadPoolExecutor:
 
 
 class HostStaging:
-    """Pinned CPU buffers for one token batch size, reused across layers and steps."""
+    """Pinned CPU buffers, one per role, grown to the largest batch seen and reused across layers and steps."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def buffer(self, key: str, shape, dtype) -> torch.Tensor:
-        k = (key, tuple(shape), dtype)
-        if k not in self._buffers:
-            self._buffers[k] = torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-        return self._buffers[k]
+        n = math.prod(shape)
+        flat = self._buffers.get((key, dtype))
+        if flat is None or flat.numel() < n:
+            with torch.inference_mode(False):  # plain tensors: usable inside and outside inference mode
+                flat = torch.empty(n, dtype=dtype, pin_memory=torch.cuda.is_available())
+            self._buffers[(key, dtype)] = flat
+        return flat[:n].view(shape)
 
     def to_host(self, key: str, t: torch.Tensor, dtype) -> torch.Tensor:
         out = self.buffer(key, t.shape, dtype)

@@ -37,7 +37,8 @@ class UploadStaging:
     @staticmethod
     def get(device: torch.device, size: int) -> "UploadStaging":
         if (device, size) not in _staging:
-            _staging[(device, size)] = UploadStaging(device, size)
+            with torch.inference_mode(False):  # plain tensors: usable inside and outside inference mode
+                _staging[(device, size)] = UploadStaging(device, size)
         return _staging[(device, size)]
 
 
