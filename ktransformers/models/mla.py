@@ -26,8 +26,14 @@ class AbsorbedKVB(nn.Module):
 
     def __init__(self, w_uk: torch.Tensor, w_uv: torch.Tensor, device, dtype):
         super().__init__()
-        self.register_buffer("w_uk", w_uk.to(device=device, dtype=dtype))
-        self.register_buffer("w_uv", w_uv.to(device=device, dtype=dtype))
+        w_uk, w_uv = w_uk.to(device=device, dtype=dtype), w_uv.to(device=device, dtype=dtype)
+        if w_uk.device.type == "cpu":
+            # The CPU multiplies weight @ vector per head (see MLAttention), which streams at memory
+            # bandwidth only when the reduced dimension is contiguous: W_UK's storage becomes
+            # [H, kv_lora, nope] (same [H, nope, kv_lora] view), W_UV stays [H, v, kv_lora].
+            w_uk, w_uv = w_uk.transpose(1, 2).contiguous().transpose(1, 2), w_uv.contiguous()
+        self.register_buffer("w_uk", w_uk)
+        self.register_buffer("w_uv", w_uv)
 
     def extra_repr(self):
         return f"w_uk={tuple(self.w_uk.shape)}, w_uv={tuple(self.w_uv.shape)}, dtype={self.w_uk.dtype}"
@@ -85,12 +91,20 @@ class MLAttention(nn.Module):
         All heads share one latent key/value, so attention runs as a single head over H*T rows;
         head-major order lets the per-head matmuls use the weights without transposed copies.
         """
-        q_latent = torch.bmm(q_nope.transpose(0, 1), self.kv_b_proj.w_uk)  # [H, T, kv_lora]
+        w_uk = self.kv_b_proj.w_uk
+        if w_uk.device.type == "cpu":  # weight on the left: a bandwidth-bound matrix-vector product at decode
+            q_latent = torch.bmm(w_uk.transpose(1, 2), q_nope.permute(1, 2, 0)).transpose(1, 2)
+        else:
+            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, kv_lora]
         return torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(-1, self.kv_lora_rank + self.rope_dim)
 
     def _output(self, out_latent: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        out = torch.bmm(out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv.transpose(1, 2))
-        return run(self.o_proj, out.transpose(0, 1).reshape(n_tokens, self.n_heads * self.v_dim))
+        out_latent, w_uv = out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv
+        if w_uv.device.type == "cpu":  # weight on the left, as in _absorbed_query
+            out = torch.bmm(w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, H, v]
+        else:
+            out = torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)
+        return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim))
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""

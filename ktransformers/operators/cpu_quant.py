@@ -7,6 +7,9 @@ the kernels cannot run here (extension not built, CPU without AVX2), so callers 
 the "torch" backend; `available()` asks the same question without raising.
 """
 
+import os
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,6 +33,35 @@ def _require(name):
         kernels.require()
     except RuntimeError as error:
         raise RuntimeError(f"{name}: {error}; use the 'torch' backend for it instead") from None
+    _warn_if_openmp_spins()
+
+
+_warned_openmp = False
+
+
+def openmp_spins() -> bool:
+    """Whether torch's OpenMP threads busy-wait after each parallel op (libgomp's default policy).
+
+    They then spin on every core while the native pool runs the next kernel, starving it: CPU
+    attention alternates torch ops and native linears, and a linear right after a torch bmm took
+    1.2-1.6x as long on a 2-core VM (more spinning threads, and longer PAUSEs, on a big server).
+    The policy is read once, when torch loads OpenMP, so it has to be in the environment before
+    `import torch` (the entry points' job).
+    """
+    passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+    no_spin = os.environ.get("GOMP_SPINCOUNT", "").strip() == "0"
+    return torch.get_num_threads() > 1 and not (passive or no_spin)
+
+
+def _warn_if_openmp_spins():
+    global _warned_openmp
+    if _warned_openmp or not openmp_spins():
+        return
+    _warned_openmp = True
+    warnings.warn("torch's OpenMP threads busy-wait between ops and starve the native cpu_quant kernels "
+                  "(native linears after a torch op ran up to 1.6x slower); start the process with OMP_WAIT_POLICY=PASSIVE "
+                  "(read only when torch is imported), or call torch.set_num_threads(1)",
+                  RuntimeWarning, stacklevel=4)
 
 
 class CpuQuantLinear(nn.Module):
