@@ -1,36 +1,91 @@
-// Picks the kernel table for this CPU once; KT_CPU_ISA=avx2 (or select_isa) forces the AVX2 one.
+// Picks the kernel table for this CPU once; KT_CPU_ISA=<name> (or select_isa) forces another.
+//
+// Tables, best first: "avx512vnni+gather" and "avx512vnni" (the same VNNI kernels, codebook
+// lookups of some low-bit types by gather instructions or by scalar loads) and "avx2". Whether
+// gathers pay off depends on the core (fast on Intel server cores, slow on AMD Zen 4 and on Intel
+// cores with the Downfall microcode fix), so the default VNNI table is the faster of the two in
+// a short timing of the IQ1_S kernel on cache-resident data.
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
+#include "q8_row.h"
 
 namespace kt {
 namespace {
 
+// Seconds for a few passes of `dot` over cache-resident rows (best of several tries).
+double time_row_dot(RowDot dot, const std::vector<uint8_t>& rows, int64_t row_bytes, int64_t n, const Q8Row& x) {
+    double best = 1e9;
+    volatile float sink = 0;
+    for (int attempt = 0; attempt < 5; ++attempt) {
+        const auto start = std::chrono::steady_clock::now();
+        float s = 0;
+        for (size_t off = 0; off + row_bytes <= rows.size(); off += row_bytes) s += dot(rows.data() + off, x, n);
+        sink = sink + s;
+        best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+    return best;
+}
+
+// True when the gather form of the IQ1_S kernel beats the scalar-load form on this core.
+bool gathers_are_faster(const KernelSet& plain, const KernelSet& gather) {
+    constexpr int kIQ1_S = 19;
+    constexpr int64_t n = 7168, row_bytes = n / 256 * 50, n_rows = 48;  // ~67 KB: stays in L2
+    if (!plain.dot[kIQ1_S] || !gather.dot[kIQ1_S] || plain.dot[kIQ1_S] == gather.dot[kIQ1_S]) return false;
+    std::vector<uint8_t> rows(n_rows * row_bytes);
+    uint32_t state = 12345;
+    for (size_t i = 0; i < rows.size(); ++i) {
+        state = state * 1664525u + 1013904223u;
+        rows[i] = uint8_t(state >> 24);
+    }
+    for (int64_t off = 0; off < int64_t(rows.size()); off += 50) rows[off] = rows[off + 1] = 0;  // fp16 scale 0: no NaN/denormal timing
+    Q8Rows x(1, n);  // quantized by the table itself: Q8Rows::quantize would ask for the active table
+    const Q8Row xr = x.row(0);
+    std::vector<float> ones(n, 1.0f);
+    plain.quantize_row_q8(ones.data(), n, const_cast<int8_t*>(xr.q), const_cast<float*>(xr.d), const_cast<int32_t*>(xr.sum));
+    const double t_plain = time_row_dot(plain.dot[kIQ1_S], rows, row_bytes, n, xr);
+    const double t_gather = time_row_dot(gather.dot[kIQ1_S], rows, row_bytes, n, xr);
+    return t_gather < t_plain;
+}
+
 struct Tables {
-    KernelSet vnni, avx2;
-    const char* names[2];
+    KernelSet vnni_gather, vnni, avx2;
+    const KernelSet* sets[3];
     int count = 0;
     Tables() {
+        vnni::fill_gather_kernels(vnni_gather);
+        vnni_gather.isa = "avx512vnni+gather";
         vnni::fill_kernels(vnni);
         vnni.isa = "avx512vnni";
         avx2::fill_kernels(avx2);
         avx2.isa = "avx2";
         __builtin_cpu_init();
         const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        // The VNNI build uses 256-bit AVX512VL forms, so it needs VL/BW/DQ as well as VNNI.
-        if (has_avx2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-            names[count++] = vnni.isa;
-        if (has_avx2) names[count++] = avx2.isa;
+        // The VNNI build uses 512-bit AVX512F gathers and 256-bit AVX512VL forms, so it needs
+        // F/VL/BW/DQ as well as VNNI.
+        if (has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+            const bool gather_first = gathers_are_faster(vnni, vnni_gather);
+            sets[count++] = gather_first ? &vnni_gather : &vnni;
+            sets[count++] = gather_first ? &vnni : &vnni_gather;
+        }
+        if (has_avx2) sets[count++] = &avx2;
+        for (int i = 0; i < count; ++i) names[i] = sets[i]->isa;
     }
+    // "vnni" names whichever VNNI table is the default here.
     const KernelSet* by_name(const char* name) const {
         for (int i = 0; i < count; ++i)
-            if (std::strcmp(names[i], name) == 0 || (std::strcmp(name, "vnni") == 0 && names[i] == vnni.isa))
-                return names[i] == vnni.isa ? &vnni : &avx2;
+            if (std::strcmp(sets[i]->isa, name) == 0 || (std::strcmp(name, "vnni") == 0 && sets[i]->isa[0] == 'a' &&
+                                                          std::strncmp(sets[i]->isa, "avx512vnni", 10) == 0))
+                return sets[i];
         return nullptr;
     }
+    const char* names[3];
 };
 
 const Tables& tables() {
@@ -48,7 +103,7 @@ const KernelSet* active_kernels() {
         const Tables& t = tables();
         const char* forced = std::getenv("KT_CPU_ISA");
         const KernelSet* k = forced && *forced ? t.by_name(forced) : nullptr;
-        if (!k && t.count) k = t.by_name(t.names[0]);
+        if (!k && t.count) k = t.sets[0];
         chosen.store(k);
         initialised.store(true, std::memory_order_release);
     }

@@ -15,7 +15,10 @@ struct KernelSet {
 };
 
 namespace avx2 { void fill_kernels(KernelSet& k); }
-namespace vnni { void fill_kernels(KernelSet& k); }
+namespace vnni {
+void fill_kernels(KernelSet& k);
+void fill_gather_kernels(KernelSet& k);
+}  // namespace vnni
 
 // The best table this CPU supports (AVX512-VNNI, else AVX2); nullptr when the CPU lacks AVX2.
 const KernelSet* active_kernels();
