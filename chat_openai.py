@@ -10,21 +10,25 @@ Point clients at http://HOST:PORT/v1 (OpenAI) or http://HOST:PORT (Ollama).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import gguf
 
-from ktransformers.gguf import open_gguf
+from ktransformers.gguf import GGUFModel
 from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.settings import REASONING_FORMATS, ServerSettings
-from ktransformers.server.wsgi import create_server
+from ktransformers.server.startup_checks import StartupError, check_model_files, port_number
+from ktransformers.server.wsgi import bind_sockets, create_server
 
 log = logging.getLogger("ktransformers.server")
 
@@ -34,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model_path", help="directory with config.json and tokenizer files (optional: GGUF metadata otherwise)")
     p.add_argument("--gguf_path", help=".gguf file, one part of a split set, or their directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for the LAN)")
-    p.add_argument("--port", type=int, default=10002)
+    p.add_argument("--port", type=port_number, default=10002, help="1..65535 (default 10002)")
     p.add_argument("--model_name", help="name clients use (default: the model directory or GGUF name)")
     p.add_argument("--api_key", default=os.environ.get("KTRANSFORMERS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default $KTRANSFORMERS_API_KEY; none = open)")
@@ -50,8 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.demo and not args.gguf_path:
         p.error("--gguf_path is required (or use --demo to try the server with a tiny model)")
-    if args.queue_size < 1:
-        p.error("--queue_size must be >= 1")
+    for option in ("queue_size", "max_context", "max_new_tokens", "cpu_infer"):   # before minutes of loading
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            p.error(f"--{option} must be >= 1, got {value}")
     return args
 
 
@@ -71,9 +77,8 @@ def demo_model_dir() -> Path:
     return target
 
 
-def describe_gguf(gguf_path: str) -> dict:
+def describe_gguf(model: GGUFModel) -> dict:
     """Size, parameter count label and quantization of the GGUF, for /api/tags and /api/show."""
-    model = open_gguf(gguf_path)
     meta = model.metadata
     file_type = meta.get("general.file_type")
     try:
@@ -93,9 +98,40 @@ def default_model_name(model_path: str | None, gguf_path: str) -> str:
     return name or "ktransformers"
 
 
-def main(argv: list[str] | None = None) -> None:
+def fail(message: str) -> int:
+    """Bad input: one line, as argparse and local_chat report it (exit status 2)."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind host:port now, before minutes of model loading; a busy port fails in a second."""
+    try:
+        return bind_sockets(host, port)
+    except OSError as err:
+        hint = " (another server runs there: stop it or pick another --port)" if err.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from None
+    except ValueError as err:   # waitress: the host does not resolve
+        raise StartupError(f"cannot listen on {host}:{port}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sockets = reserve_port(args.host, args.port)
+    except StartupError as err:
+        return fail(str(err))
+    try:
+        return serve(args, sockets)
+    except KeyboardInterrupt:   # Ctrl-C during the model load
+        return 130
+    finally:
+        for sock in sockets:    # waitress closes those it took; closing twice is harmless
+            sock.close()
+
+
+def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
     if args.demo:
         demo = demo_model_dir()
         args.model_path, args.gguf_path = str(demo), str(demo / "model.gguf")
@@ -103,19 +139,23 @@ def main(argv: list[str] | None = None) -> None:
         trained_context = json.loads((demo / "config.json").read_text())["max_position_embeddings"]
         args.max_context = min(args.max_context, trained_context)
 
-    from ktransformers.models.loader import load_model          # heavy imports after argument errors
+    try:
+        gguf_model = check_model_files(args.gguf_path, args.model_path)
+        from ktransformers.models.loader import load_model      # heavy imports after argument errors
+        loaded = load_model(args.gguf_path, model_path=args.model_path, optimize_config_path=args.optimize_config_path,
+                            max_context=args.max_context, cpu_infer=args.cpu_infer)
+    except (ValueError, OSError) as err:    # bad files or options: the loader's messages name them
+        return fail(str(err))
     from ktransformers.server.model_backend import model_generate_fn
 
-    loaded = load_model(args.gguf_path, model_path=args.model_path, optimize_config_path=args.optimize_config_path,
-                        max_context=args.max_context, cpu_infer=args.cpu_infer)
     settings = ServerSettings(
         model_name=args.model_name or default_model_name(args.model_path, args.gguf_path),
         api_key=args.api_key, max_new_tokens=args.max_new_tokens, max_context=int(loaded.model.max_context),
         reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
-        **describe_gguf(args.gguf_path))
+        **describe_gguf(gguf_model))
     engine = Engine(model_generate_fn(loaded), queue_size=args.queue_size)
-    server = create_server(create_app(engine, settings), args.host, args.port, args.queue_size)
-    base = f"http://{args.host}:{server.effective_port}"
+    server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets)
+    base = f"http://{args.host}:{args.port}"
     print(f"Serving '{settings.model_name}' - OpenAI base URL: {base}/v1   Ollama URL: {base}"
           f"{'   (API key required)' if settings.api_key else ''}", flush=True)
     try:
@@ -124,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         engine.stop()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Ollama-compatible routes (what AnythingLLM's and Open-WebUI's Ollama modes call).
 
-Durations are integers in nanoseconds and streams are NDJSON, as Ollama does.  Reasoning goes
+Durations are integers in nanoseconds and streams are NDJSON, as Ollama does.  Any model name
+is accepted (the served model answers and replies carry its name).  Reasoning goes
 to `thinking` unless the request says `think: false` (or the server runs with think_tags),
 in which case it is inlined in the content between <think> tags.
 """
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from ktransformers.server.engine import PING, GenerationRequest, is_finish
-from ktransformers.server.errors import APIError, unknown_model
+from ktransformers.server.errors import APIError
 from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import (OllamaChatRequest, OllamaGenerateRequest, OllamaOptions,
@@ -36,11 +37,6 @@ def _now() -> str:
 
 def _ns(seconds: float) -> int:
     return int(round(seconds * 1e9))
-
-
-def _check_model(name: str, settings) -> None:
-    if not settings.accepts_model(name):
-        raise unknown_model(name, settings.model_name)
 
 
 def _sampling(options: OllamaOptions | None) -> dict:
@@ -79,7 +75,7 @@ def _loaded_reply(model: str, chat: bool):
     return jsonify(body)
 
 
-def _reply(run: RunningJob, body, formatter: ReasoningFormatter, chat: bool, started: float):
+def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormatter, chat: bool, started: float):
     """Stream NDJSON or return one object; `chat` picks message{} (chat) vs response (generate)."""
     def piece(reasoning: str, content: str) -> dict:
         if chat:
@@ -89,8 +85,8 @@ def _reply(run: RunningJob, body, formatter: ReasoningFormatter, chat: bool, sta
             return {"message": message}
         return {"response": content, **({"thinking": reasoning} if reasoning else {})}
 
-    base = {"model": body.model}
-    if not body.stream:
+    base = {"model": model}
+    if not stream:
         reasoning, content, finish = collect(run, formatter)
         return jsonify({**base, "created_at": _now(), **piece(reasoning, content), "done": True,
                         **_stats(finish, started)})
@@ -113,46 +109,51 @@ def _reply(run: RunningJob, body, formatter: ReasoningFormatter, chat: bool, sta
     return ndjson_response(lines(), run.close)
 
 
-@ollama_routes.post("/api/chat")
-def chat():
+def _serve_generation(schema, chat: bool, build_request):
+    """What /api/chat and /api/generate share: parse, answer a load request, run, reply.
+
+    Any model name is accepted (clients send what the user typed); replies name the served model.
+    """
     started = time.monotonic()
     engine, settings = _engine_settings()
-    body = OllamaChatRequest.model_validate_json(request.get_data())
-    _check_model(body.model, settings)
-    if not body.messages:
-        return _loaded_reply(body.model, chat=True)
+    body = schema.model_validate_json(request.get_data())
+    if not (body.messages if chat else body.prompt):
+        return _loaded_reply(settings.model_name, chat)
+    run = start_job(engine, build_request(body, settings), settings)
+    return _reply(run, settings.model_name, body.stream, _formatter(body.think, settings), chat, started)
+
+
+def _chat_request(body: OllamaChatRequest, settings) -> GenerationRequest:
     for i, m in enumerate(body.messages):
         if m.images:
             raise APIError(400, f"messages[{i}].images: this model reads text only", param=f"messages[{i}].images")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
-    gen = GenerationRequest(max_new_tokens=_max_new_tokens(body.options, settings), messages=messages,
-                            sampling=_sampling(body.options), stop=list((body.options and body.options.stop) or []),
-                            force_think=settings.force_think)
-    run = start_job(engine, gen, settings)
-    return _reply(run, body, _formatter(body.think, settings), chat=True, started=started)
+    return GenerationRequest(max_new_tokens=_max_new_tokens(body.options, settings), messages=messages,
+                             sampling=_sampling(body.options), stop=list((body.options and body.options.stop) or []),
+                             force_think=settings.force_think)
 
 
-@ollama_routes.post("/api/generate")
-def generate():
-    started = time.monotonic()
-    engine, settings = _engine_settings()
-    body = OllamaGenerateRequest.model_validate_json(request.get_data())
-    _check_model(body.model, settings)
-    if not body.prompt:
-        return _loaded_reply(body.model, chat=False)
+def _generate_request(body: OllamaGenerateRequest, settings) -> GenerationRequest:
     if body.images:
         raise APIError(400, "images: this model reads text only", param="images")
     options = body.options
     common = dict(max_new_tokens=_max_new_tokens(options, settings), sampling=_sampling(options),
                   stop=list((options and options.stop) or []))
     if body.raw:
-        gen = GenerationRequest(prompt=body.prompt, **common)
-    else:
-        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                   [{"role": "user", "content": body.prompt}]
-        gen = GenerationRequest(messages=messages, force_think=settings.force_think, **common)
-    run = start_job(engine, gen, settings)
-    return _reply(run, body, _formatter(body.think, settings), chat=False, started=started)
+        return GenerationRequest(prompt=body.prompt, **common)
+    messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+               [{"role": "user", "content": body.prompt}]
+    return GenerationRequest(messages=messages, force_think=settings.force_think, **common)
+
+
+@ollama_routes.post("/api/chat")
+def chat():
+    return _serve_generation(OllamaChatRequest, chat=True, build_request=_chat_request)
+
+
+@ollama_routes.post("/api/generate")
+def generate():
+    return _serve_generation(OllamaGenerateRequest, chat=False, build_request=_generate_request)
 
 
 # ---------------------------------------------------------------- model information
@@ -197,7 +198,6 @@ def show():
     name = body.model or body.name
     if not name:
         raise APIError(400, "model: required (the model to describe)", param="model")
-    _check_model(name, settings)
     family = settings.model_family
     return jsonify({
         "license": "", "modelfile": f"FROM {settings.model_name}\n",

@@ -1,4 +1,8 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+Completions accept any model name and answer as the served model (`model` in the response);
+only /v1/models/<id> tells a wrong name apart, with 404.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +25,9 @@ def _engine_settings():
     return current_app.config["KT_ENGINE"], current_app.config["KT_SETTINGS"]
 
 
-def _check_common(body, settings) -> None:
-    if not settings.accepts_model(body.model):
-        raise unknown_model(body.model, settings.model_name)
+def _check_common(body) -> None:
+    # body.model is not checked: chat clients send whatever name the user typed; the served
+    # model answers and every response names it.
     if body.n not in (None, 1):
         raise APIError(400, f"n={body.n} is not supported: this server returns exactly one choice (n=1)",
                        param="n", code="unsupported_value")
@@ -66,7 +70,7 @@ def _usage(finish) -> dict:
 def chat_completions():
     engine, settings = _engine_settings()
     body = ChatCompletionRequest.model_validate_json(request.get_data())
-    _check_common(body, settings)
+    _check_common(body)
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": message_text(m.content, f"messages[{i}]")} for i, m in enumerate(body.messages)]
     gen = GenerationRequest(
@@ -133,7 +137,7 @@ def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, inc
 def completions():
     engine, settings = _engine_settings()
     body = CompletionRequest.model_validate_json(request.get_data())
-    _check_common(body, settings)
+    _check_common(body)
     if isinstance(body.prompt, list):
         if len(body.prompt) != 1:
             raise APIError(400, f"prompt: a list must hold exactly one string (got {len(body.prompt)}); "

@@ -48,7 +48,7 @@ class _Sampling(_Request):
     n: int | None = Field(None, description="Only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    model: str | None = Field(None, description="Defaults to the served model")
+    model: str | None = Field(None, description="Any name (or none): the served model answers and responses carry its name")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -86,7 +86,7 @@ class OllamaMessage(_Request):
 
 
 class _OllamaGenerate(_Request):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="Any name: the served model answers and replies carry its name")
     stream: bool = True
     options: OllamaOptions | None = None
     think: bool | str | None = Field(None, description="true/absent: reasoning in `thinking`; false: inline <think> tags")

@@ -1,0 +1,63 @@
+"""Checks the server CLI runs before the slow model load, so bad input fails in a second.
+
+Each failure is a `StartupError` whose message names the path (or option) and the reason;
+chat_openai.py prints it as one `error: ...` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gguf import Keys
+
+from ktransformers.gguf import GGUFError, GGUFModel, open_gguf
+from ktransformers.models.config import config_from_gguf, load_hf_config
+
+# DeepSeek's Hugging Face repos ship the fast tokenizer; AutoTokenizer needs it (no sentencepiece).
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class StartupError(ValueError):
+    """The server cannot start with these arguments; the message says which and why."""
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: an integer in 1..65535 (waitress would wrap 99999 to another port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 1..65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {port}")
+    return port
+
+
+def check_model_files(gguf_path: str, model_path: str | None) -> GGUFModel:
+    """Open the GGUF (a memory map: cheap) and check that config and tokenizer can be found.
+
+    Returns the opened GGUF. Tensor data is not read; the loader reports what only it can see.
+    """
+    try:
+        model = open_gguf(gguf_path)
+    except GGUFError as err:
+        raise StartupError(f"--gguf_path {err}") from None
+    source = ", ".join(str(f) for f in model.files)
+    config_from_gguf(model.metadata, model.tensors.keys(), source)   # raises ValueError naming the file
+    if model_path is not None:
+        _check_model_dir(Path(model_path))
+    elif not (Keys.Tokenizer.HF_JSON in model.metadata or Keys.Tokenizer.LIST in model.metadata):
+        raise StartupError(f"--gguf_path {source}: holds no tokenizer (no {Keys.Tokenizer.LIST} metadata); "
+                           f"pass --model_path DIR with the model's {TOKENIZER_FILE}")
+    return model
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.exists():
+        raise StartupError(f"--model_path {path}: no such directory")
+    if not path.is_dir():
+        raise StartupError(f"--model_path {path}: not a directory (it must hold config.json and {TOKENIZER_FILE})")
+    load_hf_config(path)   # raises ValueError naming config.json and the reason
+    if not (path / TOKENIZER_FILE).is_file():
+        raise StartupError(f"--model_path {path}: no {TOKENIZER_FILE} (copy the tokenizer files of the Hugging "
+                           "Face repo there, or leave --model_path out to use the tokenizer in the GGUF)")
