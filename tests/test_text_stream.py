@@ -51,6 +51,17 @@ def test_special_tokens_are_shown(tokenizer):
     assert "".join(deltas) == tokenizer.decode(ids) == "<think>好</think><｜end▁of▁sentence｜>"
 
 
+def test_control_tokens_can_be_hidden_but_think_tags_stay(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = [eos] + tokenizer.encode("<think>好</think>ok", add_special_tokens=False) + [eos]
+    detok = IncrementalDetokenizer(tokenizer, hide_control_tokens=True)
+    text = "".join(detok.push(t) for t in ids) + detok.flush()
+    assert text == "<think>好</think>ok"
+    # the oracle: Hugging Face's own skip_special_tokens, on the part without think tags
+    tail = tokenizer.encode("ok", add_special_tokens=False) + [eos]
+    assert tokenizer.decode(tail, skip_special_tokens=True) == "ok"
+
+
 def test_partial_match_length():
     assert partial_match_length("abc</th", ["</think>"]) == 4
     assert partial_match_length("abc<", ["</think>"]) == 1

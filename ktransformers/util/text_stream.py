@@ -4,23 +4,38 @@ Byte-level BPE spreads one character (CJK, emoji) over several tokens. Each step
 small window (the tokens since the last emitted text, plus the previous piece as context
 for decoders that treat the start of a text specially) and emits only the new part; while
 that ends in an incomplete UTF-8 sequence (decoded as U+FFFD) nothing is emitted. The
-concatenated deltas equal `tokenizer.decode(ids, clean_up_tokenization_spaces=False)`.
+concatenated deltas equal `tokenizer.decode(ids, clean_up_tokenization_spaces=False)`
+(over the ids left after `hide_control_tokens` drops the control tokens).
 """
+
+from ktransformers.util.reasoning import THINK_CLOSE, THINK_OPEN
 
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def control_token_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens a reader should not see (<｜Assistant｜>, <｜end▁of▁sentence｜>...).
+
+    <think> and </think> stay even where a tokenizer marks them special: the reasoning split needs them.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    think_ids = {vocab[tag] for tag in (THINK_OPEN, THINK_CLOSE) if tag in vocab}
+    return {i for i, token in added.items() if getattr(token, "special", False)} - think_ids
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, skip_special_tokens: bool = False):
+    def __init__(self, tokenizer, hide_control_tokens: bool = False):
         self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.hidden_ids = control_token_ids(tokenizer) if hide_control_tokens else set()
         self.ids: list[int] = []
         self._context_start = 0  # first id of the already-emitted piece used as context
         self._emitted_end = 0  # ids before this have been emitted as text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
-                                     clean_up_tokenization_spaces=False)
+        if self.hidden_ids:
+            ids = [i for i in ids if i not in self.hidden_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes ('' while a character is incomplete)."""

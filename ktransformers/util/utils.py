@@ -73,13 +73,15 @@ def prefill_and_generate(
     chunk_size: int = 512,
     eos_token_ids=None,
     generation_config=None,
+    hide_control_tokens: bool = True,
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
     `sampling` None means greedy. `stop` is a string or list of strings. `force_think`
     (or a prompt ending in "<think>") starts the stream in reasoning mode. `eos_token_ids`
     defaults to the tokenizer's eos plus `generation_config.eos_token_id` (the model's
-    own `generation_config` attribute when not given). Bad arguments raise ValueError
+    own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
+    such as <｜Assistant｜> out of the text (never <think>/</think>). Bad arguments raise ValueError
     before any model call.
     """
     prompt_ids = _as_id_list(inputs)
@@ -97,14 +99,14 @@ def prefill_and_generate(
     else:
         eos_ids = _ids_from(eos_token_ids)
     stop_matcher = StopStringMatcher(stop)
+    detokenizer = IncrementalDetokenizer(tokenizer, hide_control_tokens)
     return _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-                     stop_matcher, force_think, chunk_size, eos_ids)
+                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer)
 
 
 def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-              stop_matcher, force_think, chunk_size, eos_ids):
+              stop_matcher, force_think, chunk_size, eos_ids, detokenizer):
     sampler = Sampler(sampling, prompt_ids)
-    detokenizer = IncrementalDetokenizer(tokenizer)
     splitter = ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids))
     # The whole sequence (prompt + answer) must fit in the context window.
     budget = min(max_new_tokens, max_context - len(prompt_ids))
