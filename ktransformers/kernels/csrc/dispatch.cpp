@@ -66,13 +66,15 @@ struct Tables {
         avx2.isa = "avx2";
         __builtin_cpu_init();
         const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        // The VNNI build uses 512-bit AVX512F gathers and 256-bit AVX512VL forms, so it needs
-        // F/VL/BW/DQ as well as VNNI.
+        // The VNNI build uses 256-bit AVX512VL forms, so it needs F/VL/BW/DQ as well as VNNI; its
+        // gather forms also use 512-bit vectors and VBMI byte permutes (not on Cascade Lake).
         if (has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
-            const bool gather_first = gathers_are_faster(vnni, vnni_gather);
-            sets[count++] = gather_first ? &vnni_gather : &vnni;
-            sets[count++] = gather_first ? &vnni : &vnni_gather;
+            const bool with_gather = __builtin_cpu_supports("avx512vbmi");
+            const bool gather_first = with_gather && gathers_are_faster(vnni, vnni_gather);
+            if (gather_first) sets[count++] = &vnni_gather;
+            sets[count++] = &vnni;
+            if (with_gather && !gather_first) sets[count++] = &vnni_gather;
         }
         if (has_avx2) sets[count++] = &avx2;
         for (int i = 0; i < count; ++i) names[i] = sets[i]->isa;

@@ -15,6 +15,7 @@ alignas(64) uint64_t iq2s_grid[1024];
 alignas(64) uint32_t iq3xxs_grid[256];
 alignas(64) uint32_t iq3s_grid[512];
 alignas(64) uint64_t sign_pm1[128];
+alignas(64) uint8_t ksigns[128];
 alignas(16) int8_t iq4nl_values[16];
 
 const TableSpec kTableSpecs[8] = {
@@ -80,6 +81,7 @@ void kt_init_iq_tables(const std::string& name, const uint8_t* data, size_t nbyt
             std::memcpy(dst, data, nbytes);
             if (dst == iq1s_grid) derive_iq1_grids();
         } else {
+            std::memcpy(ksigns, data, 128);
             for (int s = 0; s < 128; ++s) sign_pm1[s] = expand_signs(data[s]);
         }
         return;

@@ -22,6 +22,7 @@ alignas(64) extern uint32_t iq3xxs_grid[256];  // 4 uint8 magnitudes in {4, ...,
 alignas(64) extern uint32_t iq3s_grid[512];    // 4 uint8 magnitudes in {1, 3, ..., 15}
 // ksigns[i] (7 sign bits + parity bit) expanded to 8 int8 of +1 / -1, for _mm256_sign_epi8.
 alignas(64) extern uint64_t sign_pm1[128];
+alignas(64) extern uint8_t ksigns[128];        // the raw ksigns bytes (vpermi2b lookups)
 alignas(16) extern int8_t iq4nl_values[16];    // IQ4_NL / IQ4_XS non-linear values
 
 // Names and byte sizes of the tables kt_init_iq_tables accepts.
