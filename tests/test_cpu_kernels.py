@@ -52,7 +52,7 @@ def q8_decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's own int8 activation rows decoded to float64, and max|x| per block of 32."""
     rows = []
     for row in x:
-        q, d, _ = kernels.require().quantize_q8(row.numpy(), row.numel())
+        q, d, _, _ = kernels.require().quantize_q8(row.numpy(), row.numel())
         q = torch.frombuffer(bytearray(q), dtype=torch.int8).double().view(-1, 32)
         rows.append((q * torch.tensor(d, dtype=torch.float64)[:, None]).view(-1))
     return torch.stack(rows), x.double().abs().view(x.shape[0], -1, 32).amax(-1)
@@ -74,17 +74,18 @@ def test_supported_types_include_the_framework_types():
     assert {G.F32, G.F16, G.BF16, G.Q8_0, G.Q4_K, G.Q5_K, G.Q6_K} <= set(kernels.supported_types())
 
 
-def test_activation_quantizer_matches_numpy():
+def test_activation_quantizer_matches_numpy(isa):
     seed = new_seed()
     x = np.random.default_rng(seed).standard_normal(512).astype(np.float32) * 3
     x[32:64] = 0  # an all-zero block must give d = 0, not NaN
-    q, d, s = kernels.require().quantize_q8(x, 512)
+    q, d, s, s16 = kernels.require().quantize_q8(x, 512)
     q = np.frombuffer(q, dtype=np.int8).reshape(-1, 32).astype(np.int64)
     amax = np.abs(x.reshape(-1, 32)).max(1)
     np.testing.assert_allclose(d, amax / 127, rtol=1e-6, err_msg=f"seed {seed}")
     expect = np.round(x.reshape(-1, 32) / np.where(amax > 0, amax / 127, 1)[:, None])
     assert np.abs(q - expect).max() <= 1 and (q != expect).mean() < 0.01, f"seed {seed}"
     assert np.abs(q).max() <= 127 and np.array_equal(s, q.sum(1)), f"seed {seed}"
+    assert np.array_equal(s16, q.reshape(-1, 16).sum(1)), f"seed {seed}"
     assert np.all(q[1] == 0) and d[1] == 0
 
 

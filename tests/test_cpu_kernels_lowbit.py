@@ -64,7 +64,7 @@ def quantize_like_kernel(x: np.ndarray):
     """The kernel's own Q8 rows of x: (q int8 [M, K], d float32 [M, K/32])."""
     q, d = [], []
     for row in x:
-        qb, db, _ = _cpu.quantize_q8(row, row.size)
+        qb, db, _, _ = _cpu.quantize_q8(row, row.size)
         q.append(np.frombuffer(qb, dtype=np.int8))
         d.append(np.asarray(db, dtype=np.float32))
     return np.stack(q), np.stack(d)

@@ -91,7 +91,7 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
     kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
 }
 
-// The Q8Row of one float row (q, d, sum), for tests that rebuild the exact int8 reference.
+// The Q8Row of one float row (q, d, sum, sum16), for tests that rebuild the exact int8 reference.
 py::tuple quantize_q8(py::buffer x, int64_t n) {
     if (n <= 0 || n % 32) throw py::value_error("quantize_q8: n must be a positive multiple of 32");
     const float* xp = buffer_ptr<float>(x, "x", n);
@@ -100,7 +100,8 @@ py::tuple quantize_q8(py::buffer x, int64_t n) {
     rows.quantize(0, xp);
     const kt::Q8Row r = rows.row(0);
     return py::make_tuple(py::bytes(reinterpret_cast<const char*>(r.q), n),
-                          std::vector<float>(r.d, r.d + n / 32), std::vector<int32_t>(r.sum, r.sum + n / 32));
+                          std::vector<float>(r.d, r.d + n / 32), std::vector<int32_t>(r.sum, r.sum + n / 32),
+                          std::vector<int16_t>(r.sum16, r.sum16 + n / 16));
 }
 
 std::vector<int> supported_types() {

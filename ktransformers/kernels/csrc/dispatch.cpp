@@ -47,7 +47,8 @@ bool gathers_are_faster(const KernelSet& plain, const KernelSet& gather) {
     Q8Rows x(1, n);  // quantized by the table itself: Q8Rows::quantize would ask for the active table
     const Q8Row xr = x.row(0);
     std::vector<float> ones(n, 1.0f);
-    plain.quantize_row_q8(ones.data(), n, const_cast<int8_t*>(xr.q), const_cast<float*>(xr.d), const_cast<int32_t*>(xr.sum));
+    plain.quantize_row_q8(ones.data(), n, const_cast<int8_t*>(xr.q), const_cast<float*>(xr.d), const_cast<int32_t*>(xr.sum),
+                          const_cast<int16_t*>(xr.sum16));
     const double t_plain = time_row_dot(plain.dot[kIQ1_S], rows, row_bytes, n, xr);
     const double t_gather = time_row_dot(gather.dot[kIQ1_S], rows, row_bytes, n, xr);
     return t_gather < t_plain;

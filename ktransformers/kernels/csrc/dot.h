@@ -18,9 +18,11 @@
 namespace kt {
 
 // One activation row quantized to int8 in blocks of 32: x[i] ~= d[i/32] * q[i]; sum[b] = sum of
-// q in block b. Guarantees: |q| <= 127 (never -128), d >= 0 (d == 0 for an all-zero block),
-// q/d/sum are 64-byte aligned and hold n/32 blocks (n is always a multiple of 256 or of 32).
-struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; };
+// q in block b, sum16[h] = sum of q in the 16-element half h (for the formats with a min or an
+// offset per 16 weights, which would otherwise re-add the activations for every weight row).
+// Guarantees: |q| <= 127 (never -128), d >= 0 (d == 0 for an all-zero block), q/d/sum/sum16 are
+// 64-byte aligned and hold n/32 blocks (n is always a multiple of 256 or of 32).
+struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; const int16_t* sum16; };
 
 // Dot product of one weight row (raw GGUF blocks of one ggml type, n elements) with a quantized
 // activation row.

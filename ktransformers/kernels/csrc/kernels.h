@@ -10,8 +10,8 @@ struct KernelSet {
     RowDotMulti dot_multi[kMaxGGMLType] = {};  // optional multi-row forms of dot (prefill)
     FloatRowDot float_dot[kMaxGGMLType] = {};  // F32/F16/BF16 weights x float activations
     double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;
-    // one activation row -> n/32 Q8Row blocks (q, d, sum)
-    void (*quantize_row_q8)(const float* x, int64_t n, int8_t* q, float* d, int32_t* sum) = nullptr;
+    // one activation row -> n/32 Q8Row blocks (q, d, sum, sum16)
+    void (*quantize_row_q8)(const float* x, int64_t n, int8_t* q, float* d, int32_t* sum, int16_t* sum16) = nullptr;
 };
 
 namespace avx2 { void fill_kernels(KernelSet& k); }

@@ -6,12 +6,13 @@
 namespace kt {
 
 Q8Rows::Q8Rows(int64_t rows, int64_t n)
-    : n_(n), q_(size_t(rows * row_stride())), d_(size_t(rows * blocks_stride())), sum_(size_t(rows * blocks_stride())) {}
+    : n_(n), q_(size_t(rows * row_stride())), d_(size_t(rows * blocks_stride())), sum_(size_t(rows * blocks_stride())),
+      sum16_(size_t(rows * 2 * blocks_stride())) {}
 
 void Q8Rows::quantize(int64_t r, const float* x) {
     const Q8Row out = row(r);
     active_kernels()->quantize_row_q8(x, n_, const_cast<int8_t*>(out.q), const_cast<float*>(out.d),
-                                      const_cast<int32_t*>(out.sum));
+                                      const_cast<int32_t*>(out.sum), const_cast<int16_t*>(out.sum16));
 }
 
 Q8Rows quantize_rows(const float* x, int64_t rows, int64_t n) {

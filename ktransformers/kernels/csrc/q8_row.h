@@ -31,7 +31,8 @@ public:
     Q8Rows() = default;
     Q8Rows(int64_t rows, int64_t n);
     Q8Row row(int64_t r) const {
-        return {q_.get() + r * row_stride(), d_.get() + r * blocks_stride(), sum_.get() + r * blocks_stride()};
+        return {q_.get() + r * row_stride(), d_.get() + r * blocks_stride(), sum_.get() + r * blocks_stride(),
+                sum16_.get() + r * 2 * blocks_stride()};
     }
     // Quantizes row r from x[0..n): d = max|x| / 127, q = round(x / d), so |q| <= 127.
     void quantize(int64_t r, const float* x);
@@ -45,6 +46,7 @@ private:
     AlignedArray<int8_t> q_;
     AlignedArray<float> d_;
     AlignedArray<int32_t> sum_;
+    AlignedArray<int16_t> sum16_;
 };
 
 // Quantizes `rows` rows of x (row stride n) in parallel on the pool.
