@@ -16,6 +16,7 @@
 import argparse
 import time
 
+import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
 import numpy as np
 import torch
 

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))

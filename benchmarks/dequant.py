@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
 import numpy as np
 import torch
 from gguf.quants import dequantize as gguf_dequantize

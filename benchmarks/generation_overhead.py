@@ -13,6 +13,7 @@ character).
 import argparse
 import time
 
+import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast

@@ -4,7 +4,10 @@ CPU tests run everywhere (the overlap's worker thread and the static decode path
 the GPU tests place the tiny model with the one-GPU rules and skip cleanly without CUDA.
 """
 
+import dataclasses
 import threading
+from functools import partial
+from unittest import mock
 
 import pytest
 import torch
@@ -17,9 +20,10 @@ from ktransformers.operators.experts import TorchExperts
 from ktransformers.operators.gpu_prefill_experts import StreamedExperts
 from ktransformers.models.hybrid_moe import HostStaging, OverlappedMoE, enable_overlap
 from ktransformers.models.layers import MoE
+from ktransformers.models import loader
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
-from ktransformers.util.cuda_graph import StaticDecoder
+from ktransformers.util.cuda_graph import StaticDecoder, step_devices
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -34,7 +38,13 @@ def load(tiny_model, cuda: bool):
 
 
 def moe_layers(model):
-    return [layer for layer in model.model.layers if isinstance(layer.mlp, (MoE, OverlappedMoE))]
+    return [layer for layer in model.model.layers if isinstance(layer.mlp, MoE)]  # OverlappedMoE included
+
+
+def sequential(moe, x):
+    """`moe` with layers.MoE's own hand-off: the routed experts run in the calling thread."""
+    with mock.patch.object(moe, "start_routed", partial(MoE.start_routed, moe)):
+        return moe(x)
 
 
 def test_overlapped_moe_runs_routed_experts_on_a_worker_and_equals_sequential(tiny_model):
@@ -48,6 +58,52 @@ def test_overlapped_moe_runs_routed_experts_on_a_worker_and_equals_sequential(ti
         got = OverlappedMoE(moe)(x)
     assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_overlapped_moe_sends_long_chunks_to_the_prefill_experts(tiny_model):
+    model = load(tiny_model, cuda=False)
+    moe = moe_layers(model)[0].mlp
+    overlapped = OverlappedMoE(moe, prefill_experts=StreamedExperts(moe.experts, "cpu", torch.float32),
+                               prefill_min_tokens=4)
+    calls = []
+    moe.experts.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected, expected_short = moe(x), moe(x[:3])
+        got_long, got_short = overlapped(x), overlapped(x[:3])
+    assert calls == [5, 3, 3]  # the 5-token chunk went to the streamed experts, the 3-token one to the kernels
+    # streamed: dequantized float32 weights; the kernels quantize activations, hence the tolerance
+    torch.testing.assert_close(got_long, expected, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got_short, expected_short, rtol=0, atol=0)
+
+
+def test_cpu_model_decodes_through_its_own_forward(tiny_model):
+    model = load(tiny_model, cuda=False)
+    assert model.step_decoder is None and not any(isinstance(layer.mlp, OverlappedMoE) for layer in model.model.layers)
+
+
+def test_static_decoder_refuses_a_step_spread_over_devices(tiny_model):
+    model = load(tiny_model, cuda=False)
+    moe = moe_layers(model)[0].mlp
+    elsewhere = torch.device("cuda", 7)  # never touched: the check reads placements only
+    for module in (moe.experts, model.model.embed_tokens):  # outside the step's segments: allowed anywhere
+        module.placement = dataclasses.replace(model.lm_head.placement, device=elsewhere)
+    assert step_devices(model) == {torch.device("cpu"): "model.layers.0.input_layernorm"}
+    StaticDecoder(model)
+    shared = moe.shared_experts.down_proj
+    shared.placement = dataclasses.replace(shared.placement, device=elsewhere)
+    with pytest.raises(ValueError, match=r"mlp\.shared_experts\.down_proj on cuda:7"):
+        StaticDecoder(model)
+
+
+def test_loader_decodes_eagerly_when_a_step_spans_devices(tiny_model, caplog):
+    model = load(tiny_model, cuda=False)
+    shared = moe_layers(model)[0].mlp.shared_experts.up_proj
+    shared.placement = dataclasses.replace(shared.placement, device=torch.device("cuda", 7))  # read, never used
+    with caplog.at_level("WARNING", logger="ktransformers.models.loader"):
+        loader._set_up_gpu_decode(model, cuda_graphs=True)
+    assert model.step_decoder is None and "shared_experts.up_proj on cuda:7" in caplog.text
+    assert all(isinstance(layer.mlp, OverlappedMoE) for layer in moe_layers(model))  # a GPU part: overlap
 
 
 def test_host_staging_reuses_one_buffer_per_role_and_grows_it():
@@ -132,16 +188,21 @@ def routing(n_tokens, hidden, n_experts, k, device="cpu"):
     return x.to(device), ids.to(device), weights.to(device)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # one expert per chunk / all experts in one
-def test_streamed_experts_equal_the_dequantized_reference(tiny_model, chunk_bytes):
+def test_streamed_experts_equal_the_dequantized_reference(tiny_model, device, chunk_bytes):
     stacks = expert_stacks(tiny_model, 1)
     reference = TorchExperts(*stacks, "cpu", torch.float32)
-    streamed = StreamedExperts(CpuQuantExperts(*stacks), "cpu", torch.float32, chunk_bytes=chunk_bytes)
+    dtype, tol, n_tokens = (torch.float32, 1e-5, 6) if device == "cpu" else (torch.bfloat16, 3e-2, 40)
+    streamed = StreamedExperts(CpuQuantExperts(*stacks), device, dtype, chunk_bytes=chunk_bytes)
     n_experts, _, hidden = stacks[0].shape
-    x, ids, weights = routing(6, hidden, n_experts, 3)
-    torch.testing.assert_close(streamed(x, ids, weights), reference(x, ids, weights), rtol=1e-5, atol=1e-5)
+    x, ids, weights = routing(n_tokens, hidden, n_experts, 3)
+    for _ in range(2):  # the second call reuses the staging buffers
+        got = streamed(x.to(device), ids.to(device), weights.to(device))
+        assert got.device.type == device
+        torch.testing.assert_close(got.cpu(), reference(x, ids, weights), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="expert id out of range"):
-        streamed(x, ids + n_experts, weights)
+        streamed(x.to(device), (ids + n_experts).to(device), weights.to(device))
 
 
 def test_step_outside_the_context_window_is_refused(tiny_model):
@@ -160,8 +221,8 @@ def test_overlapped_moe_on_gpu_equals_sequential(tiny_model):
     assert moe.experts.placement.device.type == "cpu" and moe.gate.placement.device.type == "cuda"
     x = torch.randn(3, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        expected = MoE.forward(moe, x)  # the loader already overlapped it: run the sequential code
-        got = OverlappedMoE(moe)(x)
+        expected = sequential(moe, x)  # the loader already overlapped it
+        got = moe(x)
     assert got.device.type == "cuda"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -169,33 +230,40 @@ def test_overlapped_moe_on_gpu_equals_sequential(tiny_model):
 @needs_cuda
 def test_cuda_graph_decoder_matches_eager_and_the_model(tiny_model):
     model = load(tiny_model, cuda=True)
+    assert isinstance(model.step_decoder, StaticDecoder) and model.step_decoder.use_graphs  # the loader's choice
     enable_overlap(model)
     extra = [8, 77, 21, 4]
     graphed = StaticDecoder(model, use_cuda_graph=True)
     got = decode_through(graphed, model, PROMPT, extra)
     assert graphed.use_graphs and graphed.graphs_captured
-    assert isinstance(model.step_decoder, StaticDecoder)  # the loader routes one-token forwards through one
-    model(PROMPT[:, :-1], 0)
+    model(PROMPT[:, :-1], 0)  # one-token forwards go through the loader's StaticDecoder
     torch.testing.assert_close(model(PROMPT[:, -1:], PROMPT.shape[1] - 1)[0, 0].cpu(), got[0], rtol=1e-3, atol=1e-3)
     eager = decode_through(StaticDecoder(model, use_cuda_graph=False), model, PROMPT, extra)
     torch.testing.assert_close(got, eager, rtol=1e-3, atol=1e-3)
+
+    # the model's own eager one-token forward (MLAttention.forward, overlapped MoE), no static buffers
+    decoder, model.step_decoder = model.step_decoder, None
+    stepped = stepped_logits(model, PROMPT, extra)
     reference = reference_logits(model, PROMPT, extra)  # bf16 prefill path: looser
-    torch.testing.assert_close(got, reference, rtol=5e-2, atol=5e-2)
-    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.75
+    model.step_decoder = decoder
+    for other in (stepped, reference):
+        torch.testing.assert_close(got, other, rtol=5e-2, atol=5e-2)
+        assert (got.argmax(-1) == other.argmax(-1)).float().mean() >= 0.75
+    model(PROMPT[:, :-1], 0)
+    off_by_one = torch.stack([graphed.step(t, PROMPT.shape[1] + i) for i, t in enumerate([31] + extra)]).cpu()
+    assert (off_by_one - stepped).abs().max() > 0.2  # so the comparisons above can fail
 
 
 @needs_cuda
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
-def test_streamed_experts_on_gpu_equal_the_reference(tiny_model, chunk_bytes):
-    stacks = expert_stacks(tiny_model, 1)
-    reference = TorchExperts(*stacks, "cpu", torch.float32)
-    streamed = StreamedExperts(CpuQuantExperts(*stacks), "cuda", torch.bfloat16, chunk_bytes=chunk_bytes)
-    n_experts, _, hidden = stacks[0].shape
-    x, ids, weights = routing(40, hidden, n_experts, 3)
-    for _ in range(2):  # the second call reuses the staging buffers
-        got = streamed(x.cuda(), ids.cuda(), weights.cuda())
-        assert got.device.type == "cuda"
-        torch.testing.assert_close(got.cpu(), reference(x, ids, weights), rtol=3e-2, atol=3e-2)
+def test_loader_without_cuda_graphs_steps_the_same_segments_eagerly(tiny_model):
+    path = tiny_model(quant_mix="q4_k_m")
+    model = load_model(path, device="cuda", optimize_config_path=default_rules_path(True), max_context=64,
+                       cuda_graphs=False).model
+    assert isinstance(model.step_decoder, StaticDecoder) and not model.step_decoder.use_graphs
+    assert all(isinstance(layer.mlp, OverlappedMoE) for layer in moe_layers(model))
+    graphed = decode_through(StaticDecoder(model, use_cuda_graph=True), model, PROMPT, [8, 77])
+    stepped = stepped_logits(model, PROMPT, [8, 77])  # through the loader's eager StaticDecoder
+    torch.testing.assert_close(stepped, graphed, rtol=1e-3, atol=1e-3)
 
 
 @needs_cuda

@@ -22,12 +22,11 @@ from .rope import RopeTable
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int, rope: RopeTable,
-                 cuda_graphs: bool):
+    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int, rope: RopeTable):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = factory.norm(f"{prefix}.input_layernorm")
-        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context, rope, cuda_graphs)
+        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context, rope)
         self.post_attention_layernorm = factory.norm(f"{prefix}.post_attention_layernorm")
         self.mlp = MoE(cfg, factory, f"{prefix}.mlp") if cfg.is_moe_layer(index) else MLP(factory, f"{prefix}.mlp")
 
@@ -40,13 +39,13 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, max_context: int, progress=None, cuda_graphs=True):
+    def __init__(self, cfg: DeepseekConfig, factory, max_context: int, progress=None):
         super().__init__()
         self.embed_tokens = factory.embedding("model.embed_tokens")
         rope = RopeTable(cfg, max_context)
         layers = []
         for i in range(cfg.num_hidden_layers):
-            layers.append(DecoderLayer(cfg, factory, i, max_context, rope, cuda_graphs))
+            layers.append(DecoderLayer(cfg, factory, i, max_context, rope))
             if progress is not None:
                 progress.update(1)
         self.layers = nn.ModuleList(layers)
@@ -57,17 +56,16 @@ class DeepseekV3ForCausalLM(nn.Module):
     """forward(input_ids [1, T], start_pos) -> float32 logits [1, T, vocab], using its static cache.
 
     Positions start_pos..start_pos+T-1 are written to the cache; T > 1 with start_pos > 0
-    (chunked prefill) attends to everything cached before start_pos. With `cuda_graphs`, one-token
-    decode of attention layers that sit wholly on a cuda device replays captured CUDA graphs.
+    (chunked prefill) attends to everything cached before start_pos. One-token forwards go through
+    `step_decoder` when the loader sets one (util/cuda_graph.StaticDecoder: CUDA graphs).
     """
 
-    def __init__(self, cfg: DeepseekConfig, factory, max_context: int = 4096, progress=None,
-                 cuda_graphs: bool = True):
+    def __init__(self, cfg: DeepseekConfig, factory, max_context: int = 4096, progress=None):
         super().__init__()
         if max_context <= 0:
             raise ValueError(f"max_context must be positive, got {max_context}")
         self.config, self.max_context = cfg, max_context
-        self.model = DeepseekModel(cfg, factory, max_context, progress, cuda_graphs)
+        self.model = DeepseekModel(cfg, factory, max_context, progress)
         self.lm_head = factory.linear("lm_head")
         # set by the loader on GPU: one-token steps then run through util/cuda_graph.StaticDecoder
         self.step_decoder = None

@@ -16,6 +16,7 @@ kernels are compute bound then, so the routed experts run on the GPU from stream
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -58,20 +59,34 @@ class HostStaging:
         return out
 
 
-class OverlappedMoE(nn.Module):
-    """Same math as `layers.MoE`; routed experts on a worker thread, shared experts on the caller's."""
+class OverlappedMoE(MoE):
+    """`layers.MoE` with another hand-off: routed experts on a worker thread (or, for long prefill
+    chunks, on the GPU from streamed blocks); the shared experts stay on the caller's thread."""
 
     def __init__(self, moe: MoE, staging: HostStaging | None = None, prefill_experts=None,
                  prefill_min_tokens: int = PREFILL_MIN_TOKENS):
-        super().__init__()
+        nn.Module.__init__(self)  # takes over moe's modules instead of building them
         self.gate, self.experts, self.shared_experts = moe.gate, moe.experts, moe.shared_experts
         self.routed_scaling_factor = moe.routed_scaling_factor
         self.staging = staging or HostStaging()
         self.prefill_experts, self.prefill_min_tokens = prefill_experts, prefill_min_tokens
 
-    def submit_routed(self, x: torch.Tensor):
-        """Gate x, then start the routed experts on the worker; returns the future of their float32 sum."""
+    def start_routed(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         topk_ids, topk_weights = run(self.gate, x)
+        if self.prefill_experts is not None and x.shape[0] >= self.prefill_min_tokens:
+            routed = self.prefill_experts(x, topk_ids, topk_weights)
+            return lambda: routed
+        future = expert_worker().submit(self._routed_call(x, topk_ids, topk_weights))
+
+        def result():
+            routed = future.result()
+            if routed.device != x.device:  # through a pinned buffer so the upload does not stall the host
+                routed = self.staging.to_host("routed", routed, routed.dtype).to(x.device, non_blocking=True)
+            return routed
+        return result
+
+    def _routed_call(self, x, topk_ids, topk_weights):
+        """The routed experts as a call for the worker thread, with their inputs on the experts' device."""
         p = self.experts.placement
         if p.device.type == "cpu" and x.device.type == "cuda":
             # pinned + non_blocking: the copies queue behind the gate; the worker waits on the event only
@@ -88,24 +103,7 @@ class OverlappedMoE(nn.Module):
                 ready.synchronize()
             with torch.inference_mode():
                 return self.experts(*inputs)
-
-        return expert_worker().submit(routed)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prefill_experts is not None and x.shape[0] >= self.prefill_min_tokens:
-            routed = self.prefill_experts(x, *run(self.gate, x))
-            shared = None if self.shared_experts is None else self.shared_experts(x)
-        else:
-            future = self.submit_routed(x)
-            shared = None if self.shared_experts is None else self.shared_experts(x)
-            routed = future.result()
-        if routed.device != x.device:
-            # through a pinned buffer so the upload does not stall the host
-            routed = self.staging.to_host("routed", routed, routed.dtype).to(x.device, non_blocking=True)
-        out = routed.to(x.dtype) * self.routed_scaling_factor
-        if shared is not None:
-            out = out + shared.to(x.device, x.dtype)
-        return out
+        return routed
 
 
 def enable_overlap(model, prefill_min_tokens: int | None = PREFILL_MIN_TOKENS) -> int:
@@ -119,7 +117,7 @@ def enable_overlap(model, prefill_min_tokens: int | None = PREFILL_MIN_TOKENS) -
 
     staging, count = HostStaging(), 0
     for layer in model.model.layers:
-        if isinstance(layer.mlp, (MoE, OverlappedMoE)):  # an OverlappedMoE is set up afresh
+        if isinstance(layer.mlp, MoE):  # an OverlappedMoE is set up afresh
             moe, streamed = layer.mlp, None
             gate_device = moe.gate.placement.device
             if prefill_min_tokens is not None and gate_device.type == "cuda" and isinstance(moe.experts,

@@ -1,5 +1,7 @@
 """Small building blocks of the DeepSeek model: placement-aware calls, RMSNorm, embedding, dense MLP."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +65,13 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (weighted by the gate, times routed_scaling_factor) plus the shared experts."""
+    """Routed experts (weighted by the gate, times routed_scaling_factor) plus the shared experts.
+
+    The routed experts are started first (`start_routed`), the shared experts computed meanwhile: with
+    experts on the CPU and shared experts on the GPU, the GPU kernels are only queued, so both sides
+    work at once. Here the routed experts run in the caller's thread; hybrid_moe.OverlappedMoE
+    overrides only `start_routed` to run them on a worker thread.
+    """
 
     def __init__(self, cfg, factory, prefix: str):
         super().__init__()
@@ -72,14 +80,17 @@ class MoE(nn.Module):
         self.shared_experts = MLP(factory, f"{prefix}.shared_experts") if cfg.n_shared_experts else None
         self.routed_scaling_factor = cfg.routed_scaling_factor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def start_routed(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Gate x and hand the routed experts their inputs; returns the call that yields their sum."""
         topk_ids, topk_weights = run(self.gate, x)
         p = self.experts.placement
-        expert_inputs = x.to(p.device, p.dtype), topk_ids.to(p.device), topk_weights.to(p.device)
-        # queued after the hand-off above, so with experts on the CPU and shared experts on the GPU
-        # the GPU computes the shared experts while the CPU computes the routed ones
+        inputs = x.to(p.device, p.dtype), topk_ids.to(p.device), topk_weights.to(p.device)
+        return lambda: self.experts(*inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = self.start_routed(x)
         shared = None if self.shared_experts is None else self.shared_experts(x)
-        out = self.experts(*expert_inputs).to(x.device, x.dtype) * self.routed_scaling_factor
+        out = routed().to(x.device, x.dtype) * self.routed_scaling_factor
         if shared is not None:
             out = out + shared.to(x.device, x.dtype)
         return out

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from ktransformers import kernels
 from ktransformers.gguf import dequantize, open_gguf
 from ktransformers.optimize.optimize import Rules, default_rules_path
-from ktransformers.util.cuda_graph import StaticDecoder
+from ktransformers.util.cuda_graph import StaticDecoder, step_devices
 
 from .config import DeepseekConfig, config_from_gguf, load_hf_config
 from .deepseek_v3 import DeepseekV3ForCausalLM
@@ -62,9 +62,11 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     optimize_config_path: placement rules YAML; default DeepSeek-V3-Chat.yaml with a GPU, else -cpu.yaml.
     device: the cuda device that rules saying "cuda" mean (default cuda when available, else cpu).
     cpu_infer: CPU threads for the CPU-side work (torch's and the native kernels' thread pools).
-    cuda_graphs: replay CUDA graphs for one-token decode of attention layers placed wholly on cuda.
-        With a cuda device the MoE blocks also overlap CPU routed experts with the GPU shared experts,
-        and one-token steps go through util/cuda_graph.StaticDecoder (whole-layer graphs when cuda_graphs).
+    cuda_graphs: replay one-token decode steps as CUDA graphs (util/cuda_graph.StaticDecoder).
+        When the rules place anything on cuda, the MoE blocks overlap CPU routed experts with the GPU
+        shared experts; when a step's modules (all but routed experts and embedding) sit on one cuda
+        device, one-token forwards go through StaticDecoder (whole-layer graphs if cuda_graphs, else eager
+        static steps). Other placements decode with the model's own eager forward.
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -86,11 +88,9 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
 
     factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
-        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress, cuda_graphs=cuda_graphs)
+        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
     model.eval()
-    if device.type == "cuda":
-        enable_overlap(model)
-        model.step_decoder = StaticDecoder(model, use_cuda_graph=cuda_graphs)
+    _set_up_gpu_decode(model, cuda_graphs)
 
     if model_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -99,6 +99,18 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         tokenizer = tokenizer_from_gguf(gguf_model.metadata, gguf_source)
         generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     return LoadedModel(model, tokenizer, cfg, generation_config)
+
+
+def _set_up_gpu_decode(model, cuda_graphs: bool):
+    if not any(m.placement.device.type == "cuda" for m in model.modules() if hasattr(m, "placement")):
+        return  # CPU only: the model's forward, torch and the native pool take turns on the cores
+    enable_overlap(model)
+    devices = step_devices(model)
+    if len(devices) == 1 and next(iter(devices)).type == "cuda":
+        model.step_decoder = StaticDecoder(model, use_cuda_graph=cuda_graphs)
+    else:
+        log.warning("decoding with the model's eager forward (no CUDA graphs): the placement spreads a decode step "
+                    "over %s", ", ".join(f"{name} on {device}" for device, name in devices.items()))
 
 
 def _set_cpu_threads(n: int):

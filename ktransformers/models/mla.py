@@ -14,7 +14,6 @@ from torch import nn
 
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
-from .mla_graph import DecodeGraphs
 from .rope import RopeTable
 
 # Score-matrix elements per attention call; longer prefill chunks are split into query blocks.
@@ -40,10 +39,13 @@ class AbsorbedKVB(nn.Module):
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable,
-                 cuda_graphs: bool = False):
+    """forward(x, start_pos) for prefill chunks and eager steps; decode_static(x, position) for one-token
+    steps with the position in a device tensor (util/cuda_graph.StaticDecoder captures it as a CUDA graph).
+    """
+
+    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable):
         super().__init__()
-        place = factory.placement(prefix)
+        self.placement = place = factory.placement(prefix)  # of the attention maths and the cache
         self.device, self.dtype = place.device, place.dtype
         self.n_heads, self.kv_lora_rank = cfg.num_attention_heads, cfg.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -64,13 +66,6 @@ class MLAttention(nn.Module):
         self.register_buffer("kv_cache", torch.zeros(max_context, self.kv_lora_rank + self.rope_dim,
                                                      device=self.device, dtype=self.dtype), persistent=False)
         self.register_buffer("key_index", torch.arange(max_context, device=self.device), persistent=False)
-        self.decode_graphs = DecodeGraphs(self) if cuda_graphs and self._all_on_one_cuda_device() else None
-
-    def _all_on_one_cuda_device(self) -> bool:
-        """CUDA graphs need every piece of the attention on its cuda device (no CPU hops inside)."""
-        if self.device.type != "cuda":
-            return False
-        return all(m.placement.device == self.device for m in self.children() if hasattr(m, "placement"))
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -106,33 +101,33 @@ class MLAttention(nn.Module):
             out = torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)
         return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim))
 
+    def _project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(absorbed query rows, new cache rows [T, kv_lora + rope_dim]) for x at the rotations' positions."""
+        q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self._compress(x)
+        rows = torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1)
+        return self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations)), rows
+
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""
         n_tokens = x.shape[0]
-        if n_tokens == 1 and self.decode_graphs is not None and x.device == self.kv_cache.device:
-            return self.decode_graphs(x, start_pos)
         end = start_pos + n_tokens
-        rotations = self.rope.rotations(start_pos, end, self.device)
-        q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self._compress(x)
-        self.kv_cache[start_pos:end, :self.kv_lora_rank] = latent
-        self.kv_cache[start_pos:end, self.kv_lora_rank:] = self.rope.apply(k_rope, rotations)
-        query = self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations))
+        query, rows = self._project(x, self.rope.rotations(start_pos, end, self.device))
+        self.kv_cache[start_pos:end] = rows
         keys = self.kv_cache[:end]
         return self._output(self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens), n_tokens)
 
-    def decode_static(self, x: torch.Tensor, position: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """One-token decode with the position as a device tensor and a fixed key count, so that a CUDA
-        graph can capture it: all n_keys cache rows are scored and the ones past `position` masked."""
-        rotations = self.rope.table(self.device).index_select(0, position)
-        q_nope, q_rope = self._query(x).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self._compress(x)
-        self.kv_cache.index_copy_(0, position, torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1))
-        query = self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations))
-        keys = self.kv_cache[:n_keys]
-        scores = (query @ keys.T).float() * self.scale
-        scores.masked_fill_(self.key_index[:n_keys] > position, float("-inf"))
-        return self._output(scores.softmax(dim=-1).to(keys.dtype) @ keys[:, :self.kv_lora_rank], 1)
+    def decode_static(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """x [1, hidden] at `position` (int64 [1] on self.device) -> [1, hidden]; writes that cache row.
+
+        Nothing depends on the position's value on the host, so a CUDA graph can capture it: the row
+        is written with index_copy_, and the query scores every cache row, the ones past `position` masked.
+        """
+        query, row = self._project(x, self.rope.table(self.device).index_select(0, position))
+        self.kv_cache.index_copy_(0, position, row)
+        scores = (query @ self.kv_cache.T).float() * self.scale
+        scores.masked_fill_(self.key_index > position, float("-inf"))
+        return self._output(scores.softmax(dim=-1).to(self.dtype) @ self.kv_cache[:, :self.kv_lora_rank], 1)
 
     def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
         """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""

@@ -45,8 +45,8 @@ def openmp_spins() -> bool:
     They then spin on every core while the native pool runs the next kernel, starving it: CPU
     attention alternates torch ops and native linears, and a linear right after a torch bmm took
     1.2-1.6x as long on a 2-core VM (more spinning threads, and longer PAUSEs, on a big server).
-    The policy is read once, when torch loads OpenMP, so it has to be in the environment before
-    `import torch` (the entry points' job).
+    The policy is read once, when torch loads OpenMP: `import ktransformers` sets it PASSIVE when
+    torch is not imported yet, so this is true only when torch came first (or the user asked to spin).
     """
     passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
     no_spin = os.environ.get("GOMP_SPINCOUNT", "").strip() == "0"
@@ -59,9 +59,9 @@ def _warn_if_openmp_spins():
         return
     _warned_openmp = True
     warnings.warn("torch's OpenMP threads busy-wait between ops and starve the native cpu_quant kernels "
-                  "(native linears after a torch op ran up to 1.6x slower); start the process with OMP_WAIT_POLICY=PASSIVE "
-                  "(read only when torch is imported), or call torch.set_num_threads(1)",
-                  RuntimeWarning, stacklevel=4)
+                  "(CPU decode ran several times slower); import ktransformers before torch (it then sets "
+                  "OMP_WAIT_POLICY=PASSIVE), start the process with OMP_WAIT_POLICY=PASSIVE, "
+                  "or call torch.set_num_threads(1)", RuntimeWarning, stacklevel=4)
 
 
 class CpuQuantLinear(nn.Module):

@@ -4,7 +4,7 @@ A decode step of the hybrid model is, per MoE layer: GPU work (attention, norms,
 routed experts -> GPU again. The GPU work is dozens of small kernels whose launch overhead
 rivals their run time, so each layer's GPU segments are captured once as CUDA graphs over
 static buffers and replayed every step; the position is a device tensor (static-shape attention,
-operators/gpu_static_mla.py), so one capture serves every step.
+MLAttention.decode_static), so one capture serves every step.
 
 Per MoE layer:
     A  hidden += attn(norm(hidden)); x = norm2(hidden); router(x); x, ids, weights -> pinned host
@@ -13,8 +13,9 @@ Per MoE layer:
     C  hidden += routed * scale + shared          (upload from pinned memory inside the graph)
 Dense layers are one segment, the final norm + lm_head another.
 
-`StaticDecoder(model, use_cuda_graph=True)`: graphs when the model's layers are on cuda and
-`use_cuda_graph`; otherwise the same segments run eagerly (CPU-only machines, tests).
+`StaticDecoder(model, use_cuda_graph=True)`: graphs when the step's modules sit on cuda and
+`use_cuda_graph`; otherwise the same segments run eagerly (CPU-only machines, tests). Everything a
+step runs besides the routed experts and the embedding must sit on one device (`step_devices`).
 `step(token_id, position) -> float32 logits [vocab]` on the model's device. The model's cache is shared with
 `model.forward`, so prefill with the model, then decode with `step`.
 """
@@ -27,16 +28,28 @@ import torch
 
 from ktransformers.gguf.dequant import dequantize_rows
 from ktransformers.models.layers import MoE, run
-from ktransformers.models.hybrid_moe import OverlappedMoE
-from ktransformers.operators.gpu_static_mla import decode_attention
+
+
+def step_devices(model) -> dict[torch.device, str]:
+    """{device: the name of a module on it} over the placed modules that a step's segments run: all but
+    the routed experts (called between segments) and the embedding (looked up before them)."""
+    devices = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "placement") and name != "model.embed_tokens" and not name.endswith(".mlp.experts"):
+            devices.setdefault(module.placement.device, name)
+    return devices
 
 
 class StaticDecoder:
     def __init__(self, model, use_cuda_graph: bool = True):
         self.model = model
         layers = model.model.layers
-        first = layers[0].input_layernorm.placement
-        self.device, self.dtype = first.device, first.dtype
+        devices = step_devices(model)
+        if len(devices) != 1:
+            raise ValueError("StaticDecoder needs every module of a decode step but the routed experts and the "
+                             "embedding on one device; this placement spreads them: "
+                             + ", ".join(f"{name} on {device}" for device, name in devices.items()))
+        self.device, self.dtype = next(iter(devices)), layers[0].input_layernorm.placement.dtype
         self.use_graphs = bool(use_cuda_graph) and self.device.type == "cuda" and torch.cuda.is_available()
         dev, dt = self.device, self.dtype
         hidden_size = model.config.hidden_size
@@ -44,7 +57,6 @@ class StaticDecoder:
 
         self.hidden = torch.zeros(1, hidden_size, device=dev, dtype=dt)
         self.position = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.key_index = torch.arange(model.max_context, device=dev)
         self.logits = torch.zeros(model.config.vocab_size, device=dev, dtype=torch.float32)
         k = model.config.num_experts_per_tok or 1
         self.x_moe = torch.zeros(1, hidden_size, device=dev, dtype=dt)
@@ -60,7 +72,7 @@ class StaticDecoder:
 
         self.plan = []  # per layer: ("dense", seg) or ("moe", seg_a, seg_b, seg_c, experts)
         for layer in layers:
-            if isinstance(layer.mlp, (MoE, OverlappedMoE)):
+            if isinstance(layer.mlp, MoE):
                 self.plan.append(("moe", self._attn_and_router(layer), self._shared(layer),
                                   self._combine(layer), layer.mlp.experts))
             else:
@@ -81,7 +93,7 @@ class StaticDecoder:
     # -- segments: closures over static buffers ------------------------------------------------
     def _attention(self, layer):
         h = self.hidden
-        attn_out = decode_attention(layer.self_attn, run(layer.input_layernorm, h), self.position, self.key_index)
+        attn_out = layer.self_attn.decode_static(run(layer.input_layernorm, h), self.position)
         h.copy_(h + attn_out.to(self.device, self.dtype))
 
     def _dense(self, layer):

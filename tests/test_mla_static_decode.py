@@ -1,0 +1,94 @@
+"""MLAttention.decode_static, the one-token step that util/cuda_graph.StaticDecoder captures in CUDA
+graphs, gives the result of the eager `forward` and writes the same cache row, on the CPU (where the
+absorbed matmuls take the weight-on-the-left layout) and on cuda, eagerly and replayed as a graph."""
+
+import pytest
+import torch
+
+from ktransformers import kernels
+from ktransformers.models.loader import load_model
+from ktransformers.optimize.optimize import default_rules_path
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+MAX_CONTEXT = 32
+
+
+def attention(tiny_model, device: str, arch: str = "deepseek_v3"):
+    """Layer 0's attention of the tiny model placed by the shipped rules (cuda: bfloat16), and its inputs."""
+    model = load_model(tiny_model(arch=arch), device=device, optimize_config_path=default_rules_path(device == "cuda"),
+                       max_context=MAX_CONTEXT).model
+    attn = model.model.layers[0].self_attn
+    xs = torch.randn(12, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return attn, xs.to(attn.device, attn.dtype)
+
+
+def relative_error(got, expected) -> float:
+    return ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def tolerance(attn) -> float:
+    # bfloat16: decode_static reduces over all MAX_CONTEXT rows, forward over the live ones only.
+    # A wrong position (rotation or mask) is off by ~0.4 (checked below, so the comparisons can fail).
+    return 1e-5 if attn.dtype == torch.float32 else 5e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2"])  # q_lora query / plain q_proj
+def test_decode_static_equals_forward_and_masks_rows_past_the_position(tiny_model, device, arch):
+    attn, xs = attention(tiny_model, device, arch)
+    if device == "cpu":
+        assert attn.kv_b_proj.w_uk.transpose(1, 2).is_contiguous()  # the CPU layout branch is what runs
+    with torch.inference_mode():
+        attn(xs[:6], 0)
+        prefilled = attn.kv_cache.clone()
+        expected = attn(xs[6:7], 6)
+        expected_cache = attn.kv_cache.clone()
+
+        attn.kv_cache.copy_(prefilled)
+        garbage = 1e3 * torch.randn(MAX_CONTEXT - 7, attn.kv_cache.shape[1], generator=torch.Generator().manual_seed(1))
+        attn.kv_cache[7:] = garbage  # rows past the position are masked out: they must not matter
+        got = attn.decode_static(xs[6:7], torch.tensor([6], device=attn.device))
+    assert torch.equal(attn.kv_cache[:7], expected_cache[:7])
+    assert torch.equal(attn.kv_cache[7:], garbage.to(attn.device, attn.dtype))
+    assert relative_error(got, expected) < tolerance(attn)
+    with torch.inference_mode():
+        attn.kv_cache.copy_(prefilled)
+        wrong = attn.decode_static(xs[6:7], torch.tensor([5], device=attn.device))
+    assert relative_error(wrong, expected) > 0.2
+
+
+@needs_cuda
+def test_decode_static_replayed_as_a_cuda_graph_follows_the_position(tiny_model):
+    attn, xs = attention(tiny_model, "cuda")
+    x, position = torch.empty_like(xs[:1]), torch.zeros(1, dtype=torch.int64, device=attn.device)
+    with torch.inference_mode():
+        attn(xs[:4], 0)
+        prefilled = attn.kv_cache.clone()
+        x.copy_(xs[4:5])
+        position.fill_(4)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch asks
+            attn.decode_static(x, position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn.decode_static(x, position)
+
+        attn.kv_cache.copy_(prefilled)
+        replayed = []
+        for pos in range(4, 12):  # one capture serves every position
+            x.copy_(xs[pos:pos + 1])
+            position.fill_(pos)
+            graph.replay()
+            replayed.append(out.clone())
+        replayed_cache = attn.kv_cache.clone()
+
+        attn.kv_cache.copy_(prefilled)
+        eager = [attn(xs[pos:pos + 1], pos) for pos in range(4, 12)]
+    assert torch.equal(replayed_cache, attn.kv_cache)
+    for got, expected in zip(replayed, eager):
+        assert relative_error(got, expected) < tolerance(attn)
+    assert relative_error(replayed[0], eager[1]) > 0.2  # each replay read its own position
