@@ -13,7 +13,9 @@ Times are split per dense layer, per MoE layer and the fixed embedding + lm_head
 after each part), and scaled to 3 dense + 58 MoE layers; for decode the split's proportions are
 applied to the unsynchronised step time. Roofline: routed-expert bytes per token of the full
 model (top-8 x gate/up/down at the mix's per-layer types, 58 layers) / the memory bandwidth the
-kernels' streaming probe measures in the same run. In hybrid mode, prefill chunks of at least
+kernels' streaming probe measures in the same run. Kernel roofline: the same matrices at the speed the
+CPU kernels compute them when the weights sit in the caches (one token; for the 1-2 bit codebook
+types this, not memory, is the limit); the ratio is taken against the lower of the two. In hybrid mode, prefill chunks of at least
 --gpu-prefill-min tokens run the routed experts on the GPU from streamed blocks; one such layer
 call is also split into upload / dequantization / matmuls.
 """
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -67,6 +70,27 @@ def memory_bandwidth(size_mb: int = 1024) -> float:
         mod.stream_sum(buf.numpy())
         best = min(best, time.perf_counter() - start)
     return buf.numel() / best
+
+
+def kernel_roofline(full: dict, mix: str, repeats: int = 10) -> tuple[float, dict]:
+    """Tokens/s if every routed-expert matrix of a token ran at the kernels' in-cache decode speed,
+    and that speed (bytes/s) per (type, rows, cols). Four matrices are stacked per call, as the fused
+    MoE hands the pool several experts at once, so the per-call overhead stays small."""
+    seconds, rates = 0.0, {}
+    for (ggml_type, rows, cols), count in synthetic_model.routed_matrices_per_token(full, mix).items():
+        raw = synthetic_model.repeated_blocks(ggml_type, 4 * rows, cols, np.random.default_rng(0))
+        raw = torch.as_tensor(raw).reshape(-1)
+        x = torch.randn(1, cols)
+        calls = lambda: [kernels.quant_linear(x, raw, ggml_type, 4 * rows, cols) for _ in range(repeats)]  # noqa: E731
+        calls()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            calls()
+            best = min(best, (time.perf_counter() - start) / repeats / 4)
+        rates[f"{ggml_type.name} {rows}x{cols}"] = raw.numel() / 4 / best
+        seconds += count * best
+    return 1.0 / seconds, rates
 
 
 def sync():
@@ -225,13 +249,18 @@ def run_mix(args, mix: str, bandwidth: float, hw: dict) -> dict:
               f"matmuls {route['matmul_s'] * 1e3:.0f} ms, total {route['total_s'] * 1e3:.0f} ms", flush=True)
     bytes_per_token = synthetic_model.routed_bytes_per_token(full, mix)
     roofline = bandwidth / bytes_per_token
+    compute_roofline, kernel_rates = kernel_roofline(full, mix)
     result = {"mode": args.mode, "mix": mix, "layers": [n_dense, n_moe], "build_s": build_s, "prefill": prefill,
               "decode": decode, "gpu_prefill_route": route, "routed_bytes_per_token": bytes_per_token, "roofline_tokens_per_s": roofline,
+              "kernel_roofline_tokens_per_s": compute_roofline,
+              "kernel_in_cache_GBps": {k: round(v / 1e9, 1) for k, v in kernel_rates.items()},
               "ratio": decode["tokens_per_s_61_layers"] / roofline,
+              "ratio_to_lower_roofline": decode["tokens_per_s_61_layers"] / min(roofline, compute_roofline),
               "expert_bandwidth_GBps": bytes_per_token / FULL_MOE / 1e9 / max(decode["moe_experts_s"], 1e-9)}
     print(f"[{args.mode} {mix}] decode: {decode['step_s'] * 1e3:.1f} ms/step here (eager {decode['eager_step_s'] * 1e3:.1f}),"
           f" split {decode['split_per_token_s']}; MoE layer {decode['moe_layer_s'] * 1e3:.2f} ms of which experts "
-          f"{decode['moe_experts_s'] * 1e3:.2f} ms ({result['expert_bandwidth_GBps']:.1f} GB/s)", flush=True)
+          f"{decode['moe_experts_s'] * 1e3:.2f} ms ({result['expert_bandwidth_GBps']:.1f} GB/s); kernels in cache "
+          f"{result['kernel_in_cache_GBps']} GB/s", flush=True)
     del model
     return result
 
@@ -271,12 +300,13 @@ def main(argv=None):
     print(f"hardware: {hw}; measured CPU memory bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     results = [run_mix(args, mix, bandwidth, hw) for mix in args.mix.split(",")]
 
-    print(f"\n| hardware | mode | mix | decode tok/s (61 layers) | roofline tok/s | ratio | "
-          + " | ".join(f"prefill {n} tok/s" for n in args.prefill) + " |")
-    print("|---" * (6 + len(args.prefill)) + "|")
+    print(f"\n| hardware | mode | mix | decode tok/s (61 layers) | bandwidth roofline tok/s | ratio | "
+          "kernel roofline tok/s | ratio to the lower | " + " | ".join(f"prefill {n} tok/s" for n in args.prefill) + " |")
+    print("|---" * (8 + len(args.prefill)) + "|")
     for r in results:
         print(f"| {hw['cpu']} ({hw['kernel_threads']} thr) + {hw['gpu']} | {r['mode']} | {r['mix']} | "
               f"{r['decode']['tokens_per_s_61_layers']:.2f} | {r['roofline_tokens_per_s']:.2f} | {r['ratio']:.0%} | "
+              f"{r['kernel_roofline_tokens_per_s']:.2f} | {r['ratio_to_lower_roofline']:.0%} | "
               + " | ".join(f"{p['tokens_per_s_61_layers']:.1f}" for p in r["prefill"]) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hw, "bandwidth_Bps": bandwidth, "results": results}, indent=1))

@@ -98,15 +98,21 @@ def build_tensors(small: dict, full: dict, mix: str, seed: int = 0) -> dict[str,
     return tensors
 
 
-def routed_bytes_per_token(full: dict, mix: str) -> int:
-    """Routed-expert weight bytes one decoded token reads in the full model (top-k experts, every MoE layer)."""
-    total = 0
+def routed_matrices_per_token(full: dict, mix: str) -> dict[tuple, int]:
+    """(ggml type, rows, cols) -> how many such expert matrices one decoded token reads in the full
+    model (top-k experts of every MoE layer)."""
+    counts: dict[tuple, int] = {}
     for layer in range(full["first_k_dense_replace"], full["num_hidden_layers"]):
         for spec in tensor_plan({**full, "num_hidden_layers": layer + 1}):
             if spec.layer == layer and spec.kind in EXPERT_KINDS:
-                per_expert = row_nbytes(choose_type(spec, mix, full), spec.shape[-1]) * spec.shape[1]
-                total += per_expert * full["num_experts_per_tok"]
-    return total
+                key = (choose_type(spec, mix, full), spec.shape[1], spec.shape[2])
+                counts[key] = counts.get(key, 0) + full["num_experts_per_tok"]
+    return counts
+
+
+def routed_bytes_per_token(full: dict, mix: str) -> int:
+    """Routed-expert weight bytes one decoded token reads in the full model (top-k experts, every MoE layer)."""
+    return sum(n * rows * row_nbytes(t, cols) for (t, rows, cols), n in routed_matrices_per_token(full, mix).items())
 
 
 def build_model(n_dense: int, n_moe: int, mix: str, cuda: bool, max_context: int = 4096, seed: int = 0,
