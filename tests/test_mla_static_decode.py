@@ -59,6 +59,21 @@ def test_decode_static_equals_forward_and_masks_rows_past_the_position(tiny_mode
     assert relative_error(wrong, expected) > 0.2
 
 
+def test_cpu_decode_static_is_forward_over_the_live_rows_only(tiny_model):
+    """On the CPU the position is read on the host and only rows 0..position are scored (the window
+    of benchmarks/decode.py holds 4224 rows): rows past it are never read, even when they hold NaN."""
+    attn, xs = attention(tiny_model, "cpu")
+    with torch.inference_mode():
+        attn(xs[:6], 0)
+        prefilled = attn.kv_cache.clone()
+        expected = attn(xs[6:7], 6)
+        attn.kv_cache.copy_(prefilled)
+        attn.kv_cache[7:] = float("nan")
+        got = attn.decode_static(xs[6:7], torch.tensor([6]))
+    assert torch.equal(got, expected)
+    assert torch.isnan(attn.kv_cache[7:]).all() and not torch.isnan(attn.kv_cache[:7]).any()
+
+
 @needs_cuda
 def test_decode_static_replayed_as_a_cuda_graph_follows_the_position(tiny_model):
     attn, xs = attention(tiny_model, "cuda")

@@ -21,7 +21,12 @@ MAX_SCORE_ELEMENTS = 1 << 26
 
 
 class AbsorbedKVB(nn.Module):
-    """kv_b_proj split per head: W_UK [H, nope, kv_lora] (keys) and W_UV [H, v, kv_lora] (values)."""
+    """kv_b_proj split per head: W_UK [H, nope, kv_lora] (keys) and W_UV [H, v, kv_lora] (values).
+
+    Stored in the kv_b_proj rule's dtype, which may differ from the attention's: a bfloat16 rule under
+    float32 CPU attention halves their 67 MB a layer (DeepSeek-V3) for bfloat16-rounded queries and
+    outputs. The shipped CPU rules keep float32: on a 16-core VM the decode step was no faster.
+    """
 
     def __init__(self, w_uk: torch.Tensor, w_uv: torch.Tensor, device, dtype):
         super().__init__()
@@ -87,19 +92,22 @@ class MLAttention(nn.Module):
         head-major order lets the per-head matmuls use the weights without transposed copies.
         """
         w_uk = self.kv_b_proj.w_uk
+        q_nope = q_nope.to(w_uk.dtype)
         if w_uk.device.type == "cpu":  # weight on the left: a bandwidth-bound matrix-vector product at decode
             q_latent = torch.bmm(w_uk.transpose(1, 2), q_nope.permute(1, 2, 0)).transpose(1, 2)
         else:
             q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, kv_lora]
-        return torch.cat([q_latent, q_rope.transpose(0, 1)], dim=-1).reshape(-1, self.kv_lora_rank + self.rope_dim)
+        rows = torch.cat([q_latent.to(self.dtype), q_rope.transpose(0, 1)], dim=-1)
+        return rows.reshape(-1, self.kv_lora_rank + self.rope_dim)
 
     def _output(self, out_latent: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        out_latent, w_uv = out_latent.view(self.n_heads, n_tokens, -1), self.kv_b_proj.w_uv
+        w_uv = self.kv_b_proj.w_uv
+        out_latent = out_latent.view(self.n_heads, n_tokens, -1).to(w_uv.dtype)
         if w_uv.device.type == "cpu":  # weight on the left, as in _absorbed_query
             out = torch.bmm(w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, H, v]
         else:
             out = torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)
-        return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim))
+        return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim).to(self.dtype))
 
     def _project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(absorbed query rows, new cache rows [T, kv_lora + rope_dim]) for x at the rotations' positions."""
@@ -122,7 +130,11 @@ class MLAttention(nn.Module):
 
         Nothing depends on the position's value on the host, so a CUDA graph can capture it: the row
         is written with index_copy_, and the query scores every cache row, the ones past `position` masked.
+        On the CPU, where reading the position costs nothing, this is `forward`: only the live rows are
+        scored (scoring all 4224 rows of the benchmark's window cost ~3 ms a layer on 16 cores).
         """
+        if self.device.type == "cpu":
+            return self.forward(x, int(position))
         query, row = self._project(x, self.rope.table(self.device).index_select(0, position))
         self.kv_cache.index_copy_(0, position, row)
         scores = (query @ self.kv_cache.T).float() * self.scale

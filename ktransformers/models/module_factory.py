@@ -109,12 +109,17 @@ class ModuleFactory:
         return self._stamp(QuantEmbedding(table, self._dequantize, p.device, p.dtype), p)
 
     def gate(self, module_name: str):
+        """The router. Its scores must be exact float32 whatever the rule's dtype (a rounding would flip
+        near-tied expert choices): the native kernels when the rule says cpu_quant (the GGUF stores the
+        router in F32, which they read in place with float32 dots), else the torch reference."""
         p = self.placement(module_name)
-        weight = self.dense(gguf_names.weight_name(module_name), module_name, "mlp.gate")
+        weight = self.tensor(gguf_names.weight_name(module_name), module_name, "mlp.gate")
+        backend = "cpu_quant" if p.backend == "cpu_quant" else "torch"
+        scorer = self._stamp(build_linear(backend, weight, None, p.device, torch.float32), p)
         bias = None
         if self.cfg.topk_method == "noaux_tc":
             bias = self.dense(gguf_names.gate_bias_name(module_name), module_name, "mlp.gate.bias")
-        return self._stamp(MoEGate(weight, bias, self.cfg, p.device), p)
+        return self._stamp(MoEGate(scorer, bias, self.cfg, p.device), p)
 
     def experts(self, module_name: str):
         p = self.placement(module_name)

@@ -1,0 +1,103 @@
+"""Where a CPU-only decode step spends its time, per module, at DeepSeek-V3's real widths.
+
+    python benchmarks/cpu_decode_split.py [--mix q4_k_m] [--layers 3] [--dense 1] [--context 128]
+        [--steps 8] [--override key=value]
+
+A synthetic model (benchmarks/synthetic_model.py) placed by the CPU rules decodes --steps tokens
+through the model's eager forward (the CPU serving path) after a --context-token prefill. Forward
+hooks time every placed module (weights come from DRAM: a step reads far more than the L3 holds),
+and each one's weight bytes over its time is printed next to the memory bandwidth the native
+streaming probe measures. "self" rows are a container's time outside its timed children (for
+self_attn: the torch part of MLA, i.e. absorbed kv_b matmuls, rope, scores, softmax, copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synthetic_model  # noqa: E402
+from decode import memory_bandwidth  # noqa: E402
+
+
+def weight_bytes(module) -> int:
+    """Bytes a one-token call of a linear-like module streams (0 for norms, containers, experts)."""
+    raw = getattr(module, "raw", None)  # cpu_quant linears keep the GGUF blocks
+    if raw is not None:
+        return raw.numel()
+    weight = getattr(module, "weight", None)
+    return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
+
+
+def self_bytes(module) -> int:
+    """Weight bytes a container streams in its own (torch) code: MLA's absorbed W_UK and W_UV."""
+    kv_b = getattr(module, "kv_b_proj", None)
+    return 0 if kv_b is None else sum(t.numel() * t.element_size() for t in (kv_b.w_uk, kv_b.w_uv))
+
+
+def short_name(name: str) -> str:
+    """model.layers.7.self_attn.q_a_proj -> L7.self_attn.q_a_proj"""
+    return name.replace("model.layers.", "L", 1) if name.startswith("model.layers.") else name
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mix", default="q4_k_m")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--dense", type=int, default=1)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=INT")
+    args = parser.parse_args(argv)
+    overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.override)}
+
+    bandwidth = memory_bandwidth(256 if overrides else 1024)
+    model, small, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.mix, False,
+                                                  args.context + args.steps + 8, **overrides)
+    model(torch.randint(0, small["vocab_size"], (1, args.context)), 0)
+
+    timed = {name: m for name, m in model.named_modules()
+             if hasattr(m, "placement") or name.endswith(("self_attn", ".mlp", "shared_experts"))}
+    seconds = collections.defaultdict(float)
+    starts = {}
+    for name, module in timed.items():
+        module.register_forward_pre_hook(lambda m, a, name=name: starts.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(
+            lambda m, a, o, name=name: seconds.__setitem__(name, seconds[name] + time.perf_counter() - starts[name]))
+
+    model(torch.tensor([[1]]), args.context)  # warm-up step, not counted
+    seconds.clear()
+    steps = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        model(torch.tensor([[2 + i]]), args.context + 1 + i)
+        steps.append(time.perf_counter() - start)
+
+    print(f"{args.mix}: {args.dense} dense + {args.layers - args.dense} MoE layers, context {args.context}; "
+          f"step median {statistics.median(steps) * 1e3:.2f} ms; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'module':48s} {'ms/step':>8s} {'MB':>8s} {'GB/s':>7s}")
+    def row(label, ms, nbytes):
+        rate = f"{nbytes / ms / 1e6:7.1f}" if nbytes and ms > 0 else ""
+        print(f"{label:48s} {ms:8.3f} {nbytes / 1e6 if nbytes else 0:8.1f} {rate:>7s}")
+
+    for name, module in timed.items():
+        if name not in seconds:
+            continue  # never called as a module (MLA's kv_b holder: its bytes show on self_attn's self row)
+        ms = seconds[name] / args.steps * 1e3
+        children = [f"{name}.{c}" for c, _ in module.named_children() if f"{name}.{c}" in seconds]
+        row(short_name(name), ms, weight_bytes(module))
+        if children:
+            own_ms = ms - sum(seconds[c] for c in children) / args.steps * 1e3
+            row(short_name(name) + " (self)", own_ms, self_bytes(module))
+
+
+if __name__ == "__main__":
+    main()
