@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <memory>
@@ -7,7 +8,12 @@
 namespace kt {
 namespace {
 
-constexpr auto kSpin = std::chrono::microseconds(200);
+// How long idle workers (and a caller waiting for them) spin before sleeping: long enough to
+// bridge the gap between the calls of one decode step. KT_SPIN_US overrides it (0: sleep at once).
+const std::chrono::microseconds kSpin = [] {
+    const char* env = std::getenv("KT_SPIN_US");
+    return std::chrono::microseconds(env && *env ? std::max(0, std::atoi(env)) : 200);
+}();
 
 // PAUSE in a spin loop lets a hypervisor deschedule the vCPU (pause-loop exiting), which costs a
 // decode call tens of microseconds on VMs; KT_SPIN_PAUSE=0 spins on plain loads instead.
