@@ -12,6 +12,9 @@
 returns the directory written by `ktransformers.tools.make_tiny_model.make_tiny_model`; quant mixes:
 "f32", "q8_0", "q4_k_m", "ud-iq1_s"; archs: "deepseek_v3", "deepseek_v2". Treat the directories as
 read-only: they are shared by every test of the session.
+
+`isa`: runs a test once per native kernel table this CPU can run (avx512vnni+gather, avx512vnni,
+avx2), with that table selected; none when the extension is not built.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ import json
 
 import pytest
 
+from ktransformers import kernels
 from ktransformers.tools.make_tiny_model import make_tiny_model
+
+
+@pytest.fixture(params=kernels.cpu_features().get("available_isas", []))
+def isa(request):
+    """Selects each kernel table in turn, then restores the one that was active."""
+    mod = kernels.require()
+    before = mod.isa()
+    mod.select_isa(request.param)
+    yield request.param
+    mod.select_isa(before)
 
 
 @pytest.fixture(scope="session")

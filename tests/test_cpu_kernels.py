@@ -58,15 +58,6 @@ def q8_decode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(rows), x.double().abs().view(x.shape[0], -1, 32).amax(-1)
 
 
-@pytest.fixture(params=kernels.cpu_features().get("available_isas", []))
-def isa(request):
-    mod = kernels.require()
-    before = mod.isa()
-    mod.select_isa(request.param)
-    yield request.param
-    mod.select_isa("vnni" if before == "avx512vnni" else before)
-
-
 QUANT_TYPES = [t for t in kernels.supported_types() if t not in FLOAT_TYPES]
 
 

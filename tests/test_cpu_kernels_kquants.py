@@ -52,14 +52,6 @@ def own_int8(x: np.ndarray) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-@pytest.fixture(params=list(_cpu.available_isas()))
-def isa(request):
-    previous = _cpu.isa()
-    _cpu.select_isa(request.param)
-    yield request.param
-    _cpu.select_isa(previous)
-
-
 @pytest.mark.parametrize("m", [1, 3, 5, 6])
 @pytest.mark.parametrize("cols", [256, 512, 7168])
 @pytest.mark.parametrize("ggml_type", [T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda t: t.name)

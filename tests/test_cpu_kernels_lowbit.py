@@ -75,14 +75,6 @@ def run_kernel(x: np.ndarray, raw: np.ndarray, ggml_type, rows: int, cols: int) 
     return out.numpy().astype(np.float64)
 
 
-@pytest.fixture(params=list(_cpu.available_isas()))
-def isa(request):
-    previous = _cpu.isa()
-    _cpu.select_isa(request.param)
-    yield request.param
-    _cpu.select_isa(previous)
-
-
 def _lengths(ggml_type):
     # IQ4_NL: a lone block, 8-block groups plus a tail of 1, and a DeepSeek width.
     return [32, 288, 7168] if GGML_QUANT_SIZES[ggml_type][0] == 32 else [256, 512, 7168]
