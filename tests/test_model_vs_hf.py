@@ -6,6 +6,9 @@ ktransformers.gguf) and maps GGUF names to HF names here, in the test.
 Error measure: rel_err(a, b) = max|a - b| / max|b| over all logits of a step (b = reference).
 """
 
+import inspect
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -97,19 +100,32 @@ def prompt_ids(vocab: int, n: int = PROMPT_LEN, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
+def cache_keyword(reference) -> str:
+    """transformers renames forward's past_key_values to cache (deprecated in 5.x, gone in 5.40)."""
+    return "cache" if "cache" in inspect.signature(reference.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
 def compare_with_hf(ours, reference, vocab: int):
-    """Prefill PROMPT_LEN tokens, then DECODE_STEPS greedy steps; HF uses its own past_key_values."""
+    """Prefill PROMPT_LEN tokens, then DECODE_STEPS greedy steps; HF uses its own KV cache."""
     ids = prompt_ids(vocab)
+    keyword = cache_keyword(reference)
     with torch.no_grad():
         ref = reference(input_ids=ids, use_cache=True)
         got = ours(ids, 0)
         assert got.shape == ref.logits.shape and got.dtype == torch.float32
         assert rel_err(got, ref.logits) < TOL, "prefill"
-        past, pos = ref.past_key_values, ids.shape[1]
+        past, pos = returned_cache(ref), ids.shape[1]
         for step in range(DECODE_STEPS):
             token = ref.logits[:, -1:].argmax(-1)
-            ref = reference(input_ids=token, past_key_values=past, use_cache=True)
-            past = ref.past_key_values
+            with warnings.catch_warnings():  # the deprecation notice of the keyword we just checked
+                warnings.simplefilter("ignore", FutureWarning)
+                ref = reference(input_ids=token, use_cache=True, **{keyword: past})
+            past = returned_cache(ref)
             got = ours(token, pos)
             assert rel_err(got, ref.logits) < TOL, f"decode step {step}"
             pos += 1
