@@ -10,7 +10,10 @@
   caches of a server CPU), i.e. what the kernel computes per second when DRAM is not the limit;
 * prefill (M=512): GFLOP/s (2*M*N*K per call) on one matrix;
 * fused MoE decode with DeepSeek-V3 widths (hidden 7168, intermediate 2048, top-8), with as
-  many experts as fit in size-mb: expert bytes streamed per second.
+  many experts as fit in size-mb: expert bytes streamed per second;
+* MLA decode's absorbed products (DeepSeek-V3: 128 heads, W_UK [512x128] and W_UV [128x512] per
+  head, float32 and bfloat16) between the quantized linears around them, as in a decode step:
+  torch.bmm (weight on the left) vs kernels.head_gemv, product time per layer and GB/s.
 """
 
 import argparse
@@ -127,6 +130,35 @@ def moe_decode(types, size_mb, bandwidth, rng):
     return t * 1e3, bps, bps / bandwidth, n_experts
 
 
+def mla_absorbed(dtype, n_layers, rng):
+    """Per layer: q_b_proj -> W_UK product -> W_UV product -> o_proj (Q4_K linears), the products
+    timed alone, over n_layers distinct weights so they stream from memory. -> {name: (ms, bytes/s)}."""
+    H, C, D = 128, 512, 128
+    w_uk = [torch.randn(H, C, D).to(dtype) for _ in range(n_layers)]  # storage [H, kv_lora, nope]
+    w_uv = [torch.randn(H, D, C).to(dtype) for _ in range(n_layers)]
+    q_b, o_proj = filled(GGMLType.Q4_K, H * 192, 1536, rng), filled(GGMLType.Q4_K, HIDDEN, H * D, rng)
+    q, latent = torch.randn(H, D), torch.randn(H, C)
+    products = {"torch.bmm": lambda w, x: torch.bmm(w, x.to(w.dtype)[:, :, None])[:, :, 0].float(),
+                "head_gemv": kernels.head_gemv}
+    results = {}
+    for name, product in products.items():
+        def step():
+            spent = 0.0
+            for uk, uv in zip(w_uk, w_uv):
+                kernels.quant_linear(torch.randn(1, 1536), q_b, GGMLType.Q4_K, H * 192, 1536)
+                start = time.perf_counter()
+                product(uk, q)
+                product(uv, latent)
+                spent += time.perf_counter() - start
+                kernels.quant_linear(torch.randn(1, H * D), o_proj, GGMLType.Q4_K, HIDDEN, H * D)
+            return spent / n_layers
+
+        step()
+        t = min(step() for _ in range(5))
+        results[name] = (t * 1e3, 2 * H * C * D * w_uk[0].element_size() / t)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="kernel threads (default: KT_CPU_INFER or physical cores)")
@@ -136,6 +168,8 @@ def main():
     parser.add_argument("--moe-types", default="Q4_K,Q4_K,Q6_K;Q8_0,Q8_0,Q8_0",
                         help="gate,up,down types of the fused-MoE lines, ';'-separated")
     parser.add_argument("--scaling", action="store_true", help="also fit per-call overhead vs matrix size (first type)")
+    parser.add_argument("--mla-layers", type=int, default=4, 
+                        help="layers of W_UK/W_UV cycled in the MLA line (0: skip)")
     args = parser.parse_args()
     if args.threads:
         kernels.set_num_threads(args.threads)
@@ -159,6 +193,10 @@ def main():
         names = "/".join(t.name for t in moe_t)
         print(f"fused MoE decode {names} (top-{TOP_K} of {n} experts, 7168x2048): {ms:.2f} ms/token, "
               f"{bps / 1e9:.1f} GB/s = {frac:.0%} of bw", flush=True)
+    for dtype in (torch.float32, torch.bfloat16) if args.mla_layers else ():
+        line = ", ".join(f"{name} {ms:.3f} ms ({bps / 1e9:.1f} GB/s = {bps / native_bw:.0%} of bw)"
+                         for name, (ms, bps) in mla_absorbed(dtype, args.mla_layers, rng).items())
+        print(f"MLA absorbed W_UK+W_UV per layer, {str(dtype)[6:]}, between Q4_K linears: {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Native CPU kernels for GGUF-quantized weights (the `cpu_quant` backend's engine).
 
 The C++ extension `_cpu` (built by setup.py from csrc/) holds one dot kernel per ggml type and
-ISA, a persistent thread pool, a tiled quantized linear and a fused routed-experts forward.
+ISA, a persistent thread pool, a tiled quantized linear, a fused routed-experts forward and the
+per-head float matrix-vector products of CPU MLA decode (head_gemv).
 Everything here takes CPU float32 torch tensors and raw uint8 weight tensors (zero-copy views of
 the GGUF memory map) and returns float32 CPU tensors.
 
@@ -157,6 +158,42 @@ def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     mod.moe_forward(x.numpy(), T, hidden, ids.numpy(), weights.numpy(), k,
                     gate_raw.numpy(), int(types[0]), gate_rb, up_raw.numpy(), int(types[1]), up_rb,
                     down_raw.numpy(), int(types[2]), down_rb, n_experts, intermediate, out.numpy())
+    return out
+
+
+HEAD_GEMV_TYPES = {torch.float32: GGMLType.F32, torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16}
+
+
+def _describe(t) -> str:
+    """What was passed, for error messages: type, shape, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def head_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-head matrix-vector products on the kernel pool: out[h, n] = sum_k w[h, n, k] * x[h, k].
+
+    w: contiguous CPU [H, N, K] float32, float16 or bfloat16; x: CPU float32 [H, K]; float32 [H, N] out
+    (float32 accumulation). The absorbed W_UK/W_UV products of one-token MLA decode on the CPU.
+    """
+    mod = require()
+    if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype not in HEAD_GEMV_TYPES or w.device.type != "cpu":
+        raise ValueError(f"head_gemv: w must be a CPU [H, N, K] tensor of {[str(t) for t in HEAD_GEMV_TYPES]}, "
+                         f"got {_describe(w)}")
+    if not w.is_contiguous():
+        raise ValueError(f"head_gemv: w {tuple(w.shape)} must be contiguous (each row w[h, n] is read as K "
+                         "consecutive values)")
+    H, N, K = w.shape
+    x_ok = isinstance(x, torch.Tensor) and tuple(x.shape) == (H, K) and x.dtype == torch.float32
+    if not x_ok or x.device.type != "cpu":
+        raise ValueError(f"head_gemv: x must be a CPU float32 tensor of shape {(H, K)} for w {tuple(w.shape)}, "
+                         f"got {_describe(x)}")
+    if w.numel() == 0:
+        return torch.zeros(H, N, dtype=torch.float32)
+    out = torch.empty(H, N, dtype=torch.float32)
+    mod.head_gemv(w.detach().view(torch.uint8).reshape(-1).numpy(), int(HEAD_GEMV_TYPES[w.dtype]), H, N, K,
+                  x.detach().contiguous().numpy(), out.numpy())
     return out
 
 

@@ -12,6 +12,8 @@ and the latent-space output is mapped to values through W_UV:
 import torch
 from torch import nn
 
+from ktransformers import kernels
+
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
 from .rope import RopeTable
@@ -41,6 +43,13 @@ class AbsorbedKVB(nn.Module):
 
     def extra_repr(self):
         return f"w_uk={tuple(self.w_uk.shape)}, w_uv={tuple(self.w_uv.shape)}, dtype={self.w_uk.dtype}"
+
+
+def native_head_gemv(w: torch.Tensor, n_tokens: int) -> bool:
+    """One-token decode on the CPU multiplies per head on the native kernel pool (kernels.head_gemv):
+    torch.bmm there wakes torch's OpenMP threads, which contend with the pool that just ran the linears."""
+    return (n_tokens == 1 and w.device.type == "cpu" and w.dtype in kernels.HEAD_GEMV_TYPES and w.is_contiguous()
+            and kernels.available())
 
 
 class MLAttention(nn.Module):
@@ -92,21 +101,24 @@ class MLAttention(nn.Module):
         head-major order lets the per-head matmuls use the weights without transposed copies.
         """
         w_uk = self.kv_b_proj.w_uk
-        q_nope = q_nope.to(w_uk.dtype)
-        if w_uk.device.type == "cpu":  # weight on the left: a bandwidth-bound matrix-vector product at decode
-            q_latent = torch.bmm(w_uk.transpose(1, 2), q_nope.permute(1, 2, 0)).transpose(1, 2)
+        if native_head_gemv(w_uk.transpose(1, 2), q_nope.shape[0]):  # storage [H, kv_lora, nope]
+            q_latent = kernels.head_gemv(w_uk.transpose(1, 2), q_nope[0].float())[:, None]
+        elif w_uk.device.type == "cpu":  # weight on the left: a bandwidth-bound matrix-vector product at decode
+            q_latent = torch.bmm(w_uk.transpose(1, 2), q_nope.to(w_uk.dtype).permute(1, 2, 0)).transpose(1, 2)
         else:
-            q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, T, kv_lora]
+            q_latent = torch.bmm(q_nope.to(w_uk.dtype).transpose(0, 1), w_uk)  # [H, T, kv_lora]
         rows = torch.cat([q_latent.to(self.dtype), q_rope.transpose(0, 1)], dim=-1)
         return rows.reshape(-1, self.kv_lora_rank + self.rope_dim)
 
     def _output(self, out_latent: torch.Tensor, n_tokens: int) -> torch.Tensor:
         w_uv = self.kv_b_proj.w_uv
-        out_latent = out_latent.view(self.n_heads, n_tokens, -1).to(w_uv.dtype)
-        if w_uv.device.type == "cpu":  # weight on the left, as in _absorbed_query
-            out = torch.bmm(w_uv, out_latent.transpose(1, 2)).permute(2, 0, 1)  # [T, H, v]
+        out_latent = out_latent.view(self.n_heads, n_tokens, -1)
+        if native_head_gemv(w_uv, n_tokens):
+            out = kernels.head_gemv(w_uv, out_latent[:, 0].float())[None]  # [1, H, v]
+        elif w_uv.device.type == "cpu":  # weight on the left, as in _absorbed_query
+            out = torch.bmm(w_uv, out_latent.to(w_uv.dtype).transpose(1, 2)).permute(2, 0, 1)  # [T, H, v]
         else:
-            out = torch.bmm(out_latent, w_uv.transpose(1, 2)).transpose(0, 1)
+            out = torch.bmm(out_latent.to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)
         return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim).to(self.dtype))
 
     def _project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,6 +91,20 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
     kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
 }
 
+void head_gemv(py::buffer w, int type, int64_t H, int64_t N, int64_t K, py::buffer x, py::buffer out) {
+    const kt::KernelSet& k = kernels_or_throw();
+    if (!kt::is_float_type(type) || !k.float_dot[type])
+        throw py::value_error("w: head_gemv needs F32, F16 or BF16 weights, got ggml type " + std::to_string(type));
+    if (H <= 0 || N <= 0 || K <= 0)
+        throw py::value_error("head_gemv: empty shape [" + std::to_string(H) + ", " + std::to_string(N) + ", " +
+                              std::to_string(K) + "]");
+    const uint8_t* wp = buffer_ptr<uint8_t>(w, "w", H * N * K * (type == 0 ? 4 : 2));
+    const float* xp = buffer_ptr<float>(x, "x", H * K);
+    float* op = buffer_ptr<float>(out, "out", H * N, true);
+    py::gil_scoped_release release;
+    kt::head_gemv(wp, type, H, N, K, xp, op);
+}
+
 // The Q8Row of one float row (q, d, sum, sum16), for tests that rebuild the exact int8 reference.
 py::tuple quantize_q8(py::buffer x, int64_t n) {
     if (n <= 0 || n % 32) throw py::value_error("quantize_q8: n must be a positive multiple of 32");
@@ -117,6 +131,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "Native CPU kernels for GGUF-quantized linears and routed experts";
     m.def("quant_linear", &quant_linear, "out[M,N] = x[M,K] @ dequant(W)[N,K]^T");
     m.def("moe_forward", &moe_forward, "fused routed experts");
+    m.def("head_gemv", &head_gemv, "out[h, n] = w[h, n, :] . x[h, :] for float weights [H, N, K]");
     m.def("quantize_q8", &quantize_q8, "one float row -> (int8 bytes, block scales, block sums)");
     m.def("supported_types", &supported_types, "ggml type ids with a kernel in the active ISA");
     m.def("isa", [] { const kt::KernelSet* k = kt::active_kernels(); return std::string(k ? k->isa : ""); });

@@ -1,4 +1,4 @@
-// The two compute entry points behind the Python bindings. Callers (bindings.cpp) have already
+// The compute entry points behind the Python bindings. Callers (bindings.cpp) have already
 // checked sizes and types; these only compute. Both run on the thread pool.
 #pragma once
 #include <cstdint>
@@ -24,6 +24,10 @@ void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out);
 void moe_forward(const float* x, int64_t T, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
                  const QuantMatrix& gate, const QuantMatrix& up, const QuantMatrix& down, int64_t n_experts,
                  int64_t intermediate, float* out);
+
+// Per-head matrix-vector products: out[h, n] = sum_k w[h, n, k] * x[h, k] for float weights
+// (ggml_type F32, F16 or BF16) stored contiguously as [H, N, K], float32 x [H, K] and out [H, N].
+void head_gemv(const uint8_t* w, int ggml_type, int64_t H, int64_t N, int64_t K, const float* x, float* out);
 
 // Sum of all bytes of p[0..n), read by every pool thread in parallel (bandwidth probe).
 double stream_sum(const uint8_t* p, size_t n);
