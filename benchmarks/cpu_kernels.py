@@ -62,17 +62,26 @@ def measure_bandwidth(size_mb):
     return native, torch_sum
 
 
-def decode_and_prefill(ggml_type, size_mb, bandwidth, prefill_m, rng):
-    N, K = 4096, HIDDEN
-    matrix_bytes = N * row_nbytes(ggml_type, K)
-    count = max(2, (size_mb << 20) // matrix_bytes)
-    weights = filled(ggml_type, N * count, K, rng).view(count, matrix_bytes)
-    x = torch.randn(1, K)
+def decode_set(ggml_type, N, size_mb, rng, max_count=None):
+    """Enough N x HIDDEN matrices to fill size_mb (at least 2, at most max_count), one token, and a
+    pass decoding the token through every matrix -> (weights [count, matrix bytes], x, decode_pass)."""
+    matrix_bytes = N * row_nbytes(ggml_type, HIDDEN)
+    count = (size_mb << 20) // matrix_bytes
+    count = max(2, count if max_count is None else min(max_count, count))
+    weights = filled(ggml_type, N * count, HIDDEN, rng).view(count, matrix_bytes)
+    x = torch.randn(1, HIDDEN)
 
     def decode_pass():
         for w in weights:
-            kernels.quant_linear(x, w, ggml_type, N, K)
+            kernels.quant_linear(x, w, ggml_type, N, HIDDEN)
 
+    return weights, x, decode_pass
+
+
+def decode_and_prefill(ggml_type, size_mb, bandwidth, prefill_m, rng):
+    N, K = 4096, HIDDEN
+    weights, x, decode_pass = decode_set(ggml_type, N, size_mb, rng)
+    count, matrix_bytes = weights.shape
     decode_pass()
     t = best_time(decode_pass, 7)
     decode_bps = weights.numel() / t
@@ -88,20 +97,13 @@ def decode_and_prefill(ggml_type, size_mb, bandwidth, prefill_m, rng):
 def call_scaling(ggml_type, size_mb, rng):
     """Per-call decode time for growing matrices: the fit t = overhead + bytes / rate separates the
     fixed cost of a call (Python, thread wake-up, tail imbalance) from streaming."""
-    K, points = HIDDEN, []
+    points = []
     for N in (16, 512, 2048, 8192):
-        matrix_bytes = N * row_nbytes(ggml_type, K)
-        count = max(2, min(4096, (size_mb << 20) // matrix_bytes))
-        weights = filled(ggml_type, N * count, K, rng).view(count, matrix_bytes)
-        x = torch.randn(1, K)
-
-        def calls():
-            for w in weights:
-                kernels.quant_linear(x, w, ggml_type, N, K)
-
+        weights, _, calls = decode_set(ggml_type, N, size_mb, rng, max_count=4096)
+        count, matrix_bytes = weights.shape
         calls()
         points.append((matrix_bytes, best_time(calls, 3) / count))
-        del weights
+        del weights, calls
     sizes, times = np.array(points).T
     rate, overhead = np.polyfit(sizes, times, 1)
     detail = ", ".join(f"{b / 2**20:.1f} MiB: {t * 1e6:.0f} us" for b, t in points)
