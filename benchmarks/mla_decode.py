@@ -28,6 +28,7 @@ from ktransformers.models.layers import RMSNorm
 from ktransformers.models.mla import AbsorbedKVB, MLAttention
 from ktransformers.models.rope import RopeTable
 from ktransformers.operators.linear import TorchLinear
+from ktransformers.util.cuda_graph import capture_graph
 
 V3 = dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512,
           qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
@@ -94,14 +95,7 @@ def timed(fn, device, repeats):
 def captured_step(attn, x, position: int):
     """The replay of attn.decode_static(x, position) captured as a CUDA graph."""
     position = torch.tensor([position], device=x.device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up before capture, as torch asks
-        attn.decode_static(x, position)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        attn.decode_static(x, position)
+    graph, _ = capture_graph(lambda: attn.decode_static(x, position))
     return graph.replay
 
 

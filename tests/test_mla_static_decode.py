@@ -8,6 +8,7 @@ import torch
 from ktransformers import kernels
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
+from ktransformers.util.cuda_graph import capture_graph
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -83,14 +84,7 @@ def test_decode_static_replayed_as_a_cuda_graph_follows_the_position(tiny_model)
         prefilled = attn.kv_cache.clone()
         x.copy_(xs[4:5])
         position.fill_(4)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up before capture, as torch asks
-            attn.decode_static(x, position)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = attn.decode_static(x, position)
+        graph, out = capture_graph(lambda: attn.decode_static(x, position))
 
         attn.kv_cache.copy_(prefilled)
         replayed = []

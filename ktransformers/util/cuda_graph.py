@@ -30,6 +30,20 @@ from ktransformers.gguf.dequant import dequantize_rows
 from ktransformers.models.layers import MoE, run
 
 
+def capture_graph(fn, pool=None):
+    """Run fn once on a side stream (the warm-up torch asks for before a capture), then capture it as a
+    CUDA graph -> (graph, fn's return value from the capture: the graph's static output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def step_devices(model) -> dict[torch.device, str]:
     """{device: the name of a module on it} over the placed modules that a step's segments run: all but
     the routed experts (called between segments) and the embedding (looked up before them)."""
