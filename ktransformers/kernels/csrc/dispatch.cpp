@@ -83,8 +83,8 @@ struct Tables {
     // "vnni" names whichever VNNI table is the default here.
     const KernelSet* by_name(const char* name) const {
         for (int i = 0; i < count; ++i)
-            if (std::strcmp(sets[i]->isa, name) == 0 || (std::strcmp(name, "vnni") == 0 && sets[i]->isa[0] == 'a' &&
-                                                          std::strncmp(sets[i]->isa, "avx512vnni", 10) == 0))
+            if (std::strcmp(sets[i]->isa, name) == 0 ||
+                (std::strcmp(name, "vnni") == 0 && std::strncmp(sets[i]->isa, "avx512vnni", 10) == 0))
                 return sets[i];
         return nullptr;
     }
