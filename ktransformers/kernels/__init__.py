@@ -26,6 +26,10 @@ else:
     _import_error = None
 
 
+# Kernel tables, best first; "vnni" names whichever avx512vnni table is the default here.
+KNOWN_ISAS = ("avx512vnni+gather", "avx512vnni", "vnni", "avx2")
+
+
 def unavailable_reason() -> str | None:
     """Why the native kernels cannot run here, or None when they can."""
     if _cpu is None:
@@ -35,13 +39,38 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def isa_override_error() -> str | None:
+    """What is wrong with $KT_CPU_ISA (a table this CPU cannot run, an unknown name), or None.
+
+    The C++ side would quietly keep its default table; a forced table is a promise about what
+    runs, so callers turn this into an error instead.
+    """
+    forced = os.environ.get("KT_CPU_ISA", "").strip()
+    if not forced or _cpu is None:
+        return None
+    if forced not in KNOWN_ISAS:
+        return f"KT_CPU_ISA={forced}: unknown kernel table; known: {', '.join(KNOWN_ISAS)}"
+    runnable = list(_cpu.available_isas())
+    if forced in runnable or (forced == "vnni" and any(n.startswith("avx512vnni") for n in runnable)):
+        return None
+    runs = f"it runs {', '.join(runnable)}" if runnable else "it lacks AVX2/FMA, so it runs no native table"
+    return f"KT_CPU_ISA={forced}: this CPU cannot run that kernel table ({runs}); unset KT_CPU_ISA or pick one of those"
+
+
+def check_isa_override() -> None:
+    """Raise ValueError when $KT_CPU_ISA names a table this CPU cannot run."""
+    error = isa_override_error()
+    if error:
+        raise ValueError(error)
+
+
 def available() -> bool:
     return unavailable_reason() is None
 
 
 def require():
     """The extension module, or RuntimeError saying why it cannot be used."""
-    reason = unavailable_reason()
+    reason = isa_override_error() or unavailable_reason()
     if reason:
         raise RuntimeError(f"cpu_quant kernels unavailable: {reason}")
     return _cpu

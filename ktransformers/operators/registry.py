@@ -36,12 +36,42 @@ def experts_backend(name):
     return _resolve(EXPERTS_BACKENDS, "experts", name)
 
 
-def _native_refusal(tensors):
-    """Why the native kernels cannot take these tensors (None when they can)."""
+# How much slower the torch fallback decodes than the native kernels (benchmarks/torch_fallback.py:
+# one DeepSeek-V3-width MoE layer, Q4_K_M experts, both on the same AVX2 machine; a CPU without
+# AVX2 is slower still).
+FALLBACK_SLOWDOWN = "SLOWDOWN"
+_fallback_logged = False
+
+
+def _log_torch_fallback(reason: str) -> None:
+    """One line per process when the native kernels cannot run at all, whatever the rules ask."""
+    global _fallback_logged
+    if _fallback_logged:
+        return
+    _fallback_logged = True
+    if "AVX2" in reason:
+        log.warning("native kernels need AVX2+FMA, which this CPU lacks; using the torch backend, expect %s "
+                    "times slower", FALLBACK_SLOWDOWN)
+    else:
+        log.warning("native kernels unavailable (%s); using the torch backend, expect %s times slower",
+                    reason, FALLBACK_SLOWDOWN)
+
+
+def _native_usable() -> bool:
+    """Whether the native kernels run here; a forced kernel table this CPU lacks is an error."""
     from ktransformers import kernels
 
-    if not kernels.available():
-        return kernels.unavailable_reason()
+    kernels.check_isa_override()
+    reason = kernels.unavailable_reason()
+    if reason:
+        _log_torch_fallback(reason)
+    return reason is None
+
+
+def _missing_kernel(tensors):
+    """The first tensor whose type has no native kernel, described, or None."""
+    from ktransformers import kernels
+
     supported = kernels.supported_types()
     for t in tensors:
         if t.ggml_type not in supported:
@@ -55,19 +85,28 @@ def build_linear(name, weight, bias, device, dtype, **kwargs):
     A linear layer is small next to the experts, so dequantizing one is a fine fallback.
     """
     if name == "cpu_quant":
-        reason = _native_refusal([weight])
-        if reason:
+        if not _native_usable():
+            name = "torch"
+        elif reason := _missing_kernel([weight]):
             log.warning("%s: using the torch backend instead of cpu_quant (%s)", weight.name, reason)
             name = "torch"
     return linear_backend(name)(weight, bias, device, dtype, **kwargs)
 
 
 def build_experts(name, gate, up, down, device, dtype, **kwargs):
-    """An experts backend instance. No silent fallback: dequantizing every routed expert of a
-    large model to floats would need many times the GGUF's size in RAM."""
+    """An experts backend instance.
+
+    Where the native kernels cannot run at all (a CPU without AVX2), cpu_quant experts become
+    DequantOnUseExperts: slow, but RAM stays at the GGUF's size. A type without a kernel is an
+    error instead: silently dequantizing every routed expert of a large model to floats would need
+    many times the GGUF's size in RAM.
+    """
     if name == "cpu_quant":
-        reason = _native_refusal([gate, up, down])
-        if reason:
+        if not _native_usable():
+            from ktransformers.operators.experts import DequantOnUseExperts
+
+            return DequantOnUseExperts(gate, up, down, device, dtype)
+        if reason := _missing_kernel([gate, up, down]):
             raise ValueError(f"routed experts {gate.name}: cpu_quant cannot run them ({reason}); "
                              f"use an optimize rule with backend: torch for them (dequantizes them to floats)")
     return experts_backend(name)(gate, up, down, device, dtype, **kwargs)

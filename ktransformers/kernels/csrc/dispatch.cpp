@@ -54,30 +54,26 @@ bool gathers_are_faster(const KernelSet& plain, const KernelSet& gather) {
     return t_gather < t_plain;
 }
 
+// Only CPU checks run here before a table is chosen; each table's code runs only on a CPU that
+// has its features (the timing probe included).
 struct Tables {
-    KernelSet vnni_gather, vnni, avx2;
     const KernelSet* sets[3];
     int count = 0;
     Tables() {
-        vnni::fill_gather_kernels(vnni_gather);
-        vnni_gather.isa = "avx512vnni+gather";
-        vnni::fill_kernels(vnni);
-        vnni.isa = "avx512vnni";
-        avx2::fill_kernels(avx2);
-        avx2.isa = "avx2";
         __builtin_cpu_init();
-        const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                              __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
         // The VNNI build uses 256-bit AVX512VL forms, so it needs F/VL/BW/DQ as well as VNNI; its
         // gather forms also use 512-bit vectors and VBMI byte permutes (not on Cascade Lake).
         if (has_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vnni") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
             const bool with_gather = __builtin_cpu_supports("avx512vbmi");
-            const bool gather_first = with_gather && gathers_are_faster(vnni, vnni_gather);
-            if (gather_first) sets[count++] = &vnni_gather;
-            sets[count++] = &vnni;
-            if (with_gather && !gather_first) sets[count++] = &vnni_gather;
+            const bool gather_first = with_gather && gathers_are_faster(vnni::kernels, vnni::gather_kernels);
+            if (gather_first) sets[count++] = &vnni::gather_kernels;
+            sets[count++] = &vnni::kernels;
+            if (with_gather && !gather_first) sets[count++] = &vnni::gather_kernels;
         }
-        if (has_avx2) sets[count++] = &avx2;
+        if (has_avx2) sets[count++] = &avx2::kernels;
         for (int i = 0; i < count; ++i) names[i] = sets[i]->isa;
     }
     // "vnni" names whichever VNNI table is the default here.

@@ -14,10 +14,11 @@ struct KernelSet {
     void (*quantize_row_q8)(const float* x, int64_t n, int8_t* q, float* d, int32_t* sum, int16_t* sum16) = nullptr;
 };
 
-namespace avx2 { void fill_kernels(KernelSet& k); }
+// The tables are constants (no code runs to build them): kernels_avx2.cpp, kernels_vnni.cpp.
+namespace avx2 { extern const KernelSet kernels; }
 namespace vnni {
-void fill_kernels(KernelSet& k);
-void fill_gather_kernels(KernelSet& k);
+extern const KernelSet kernels;
+extern const KernelSet gather_kernels;  // "avx512vnni+gather": also needs AVX512-VBMI
 }  // namespace vnni
 
 // The best table this CPU supports (AVX512-VNNI, else AVX2); nullptr when the CPU lacks AVX2.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The engine on CPUs other than this one, by user-mode emulation (Debian's qemu-user):
+#   Haswell  (AVX2+FMA, no AVX512): the native-kernel tests, and a demo generation on the avx2 table;
+#   Nehalem  (no AVX at all):       import, the one-line fallback message, a demo generation on torch.
+# Emulation shows what the kernels decide and that nothing runs an instruction the CPU lacks
+# (qemu raises SIGILL for it, as the real CPU would); its timings mean nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v qemu-x86_64 >/dev/null; then
+    echo "installing qemu-user (Debian package) for the emulated-CPU tests"
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq qemu-user >/dev/null
+fi
+# The interpreter itself, not a wrapper script (pyenv shims are shell scripts qemu cannot run).
+PY="$(python3 -c 'import sys; print(sys.executable)')"
+quiet() { grep -v "TCG doesn't support requested feature" >&2 || true; }   # qemu's notes on CPU flags it ignores
+
+echo "== emulated Haswell (AVX2, no AVX512)"
+KT_EXPECT_ISA=avx2 qemu-x86_64 -cpu Haswell "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_cpu_kernels.py tests/test_cpu_support.py 2> >(quiet)
+echo "== emulated Nehalem (no AVX)"
+KT_EXPECT_ISA= qemu-x86_64 -cpu Nehalem "$PY" -m pytest -q -p no:cacheprovider tests/test_cpu_support.py 2> >(quiet)
+echo "== emulated Nehalem: chat_openai.py --demo serves a streamed chat"
+python3 tests/serve_under_emulation.py --cpu Nehalem --expect-log "native kernels need AVX2+FMA"
