@@ -26,9 +26,10 @@ import gguf
 from ktransformers.gguf import GGUFModel
 from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
+from ktransformers.server.guards import is_loopback_bind
 from ktransformers.server.settings import REASONING_FORMATS, ServerSettings
-from ktransformers.server.startup_checks import StartupError, check_model_files, port_number
-from ktransformers.server.wsgi import bind_sockets, create_server
+from ktransformers.server.startup_checks import StartupError, check_chat_template, check_model_files, port_number
+from ktransformers.server.wsgi import DEFAULT_LIMITS, ConnectionLimits, bind_sockets, create_server, serve_until_stopped
 
 log = logging.getLogger("ktransformers.server")
 
@@ -50,15 +51,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimize_config_path", help="placement rules YAML")
     p.add_argument("--cpu_infer", type=int, help="CPU threads for the routed experts")
     p.add_argument("--queue_size", type=int, default=8, help="requests that may wait; more get 503")
+    p.add_argument("--cors_origins", type=comma_list, default=(),
+                   help="browser origins allowed to call the API, comma-separated ('*' = any; default: none)")
+    p.add_argument("--allowed_hosts", type=comma_list, default=(),
+                   help="Host names accepted besides localhost/127.0.0.1/[::1], comma-separated "
+                        "('*' = any; default: loopback names only when --host is loopback, any otherwise)")
+    p.add_argument("--max_connections", type=int, default=DEFAULT_LIMITS.connection_limit,
+                   help=f"open connections served at once (default {DEFAULT_LIMITS.connection_limit})")
+    p.add_argument("--idle_timeout", type=int, default=DEFAULT_LIMITS.channel_timeout,
+                   help="seconds before an idle (or never completed) connection is closed "
+                        f"(default {DEFAULT_LIMITS.channel_timeout})")
+    p.add_argument("--shutdown_grace", type=float, default=5.0,
+                   help="on SIGTERM/Ctrl-C, seconds running replies may take to finish (default 5)")
     p.add_argument("--demo", action="store_true", help="serve a tiny random model (built once into the cache)")
     args = p.parse_args(argv)
     if not args.demo and not args.gguf_path:
         p.error("--gguf_path is required (or use --demo to try the server with a tiny model)")
-    for option in ("queue_size", "max_context", "max_new_tokens", "cpu_infer"):   # before minutes of loading
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api_key (or $KTRANSFORMERS_API_KEY) is empty: give a key, or unset it to leave the server open")
+    if args.shutdown_grace < 0:
+        p.error(f"--shutdown_grace must be >= 0, got {args.shutdown_grace}")
+    for option in ("queue_size", "max_context", "max_new_tokens", "cpu_infer", "max_connections", "idle_timeout"):
         value = getattr(args, option)
         if value is not None and value < 1:
             p.error(f"--{option} must be >= 1, got {value}")
     return args
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """argparse type: 'a, b' -> ('a', 'b')."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def demo_model_dir() -> Path:
@@ -144,26 +166,24 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         from ktransformers.models.loader import load_model      # heavy imports after argument errors
         loaded = load_model(args.gguf_path, model_path=args.model_path, optimize_config_path=args.optimize_config_path,
                             max_context=args.max_context, cpu_infer=args.cpu_infer)
+        check_chat_template(loaded.tokenizer, args.model_path or args.gguf_path, args.force_think)
     except (ValueError, OSError) as err:    # bad files or options: the loader's messages name them
         return fail(str(err))
-    from ktransformers.server.model_backend import model_generate_fn
+    from ktransformers.server.model_backend import longest_token_chars, model_generate_fn
 
     settings = ServerSettings(
         model_name=args.model_name or default_model_name(args.model_path, args.gguf_path),
         api_key=args.api_key, max_new_tokens=args.max_new_tokens, max_context=int(loaded.model.max_context),
         reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
-        **describe_gguf(gguf_model))
+        max_token_chars=longest_token_chars(loaded.tokenizer), cors_origins=args.cors_origins,
+        allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host), **describe_gguf(gguf_model))
     engine = Engine(model_generate_fn(loaded), queue_size=args.queue_size)
-    server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets)
+    limits = ConnectionLimits(connection_limit=args.max_connections, channel_timeout=args.idle_timeout)
+    server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets, limits=limits)
     base = f"http://{args.host}:{args.port}"
     print(f"Serving '{settings.model_name}' - OpenAI base URL: {base}/v1   Ollama URL: {base}"
           f"{'   (API key required)' if settings.api_key else ''}", flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        engine.stop()
+    serve_until_stopped(server, engine, grace_s=args.shutdown_grace)   # SIGTERM and Ctrl-C: drain, then return
     return 0
 
 

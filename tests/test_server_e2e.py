@@ -117,7 +117,7 @@ def test_disconnect_mid_stream_frees_the_engine(served):
     body = json.dumps({"model": "tiny", "stream": True, "max_tokens": 80, "temperature": 0,
                        "messages": MESSAGES}).encode()
     sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     received = b""
     while received.count(b"data: ") < 3:

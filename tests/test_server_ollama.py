@@ -114,7 +114,8 @@ def test_errors_use_ollama_shape(client, srv):
     with pytest.raises(ollama.ResponseError) as exc:
         client.chat(model="tiny-r1", messages=[{"role": "user", "content": "w " * 250}])
     assert exc.value.status_code == 400 and "context window" in exc.value.error
-    r = requests.post(srv.url + "/api/chat", data="{oops", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+    r = requests.post(srv.url + "/api/chat", data="{oops", timeout=5,
+                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "Malformed JSON" in r.json()["error"]
     r = requests.post(srv.url + "/api/generate", json={"model": "tiny-r1", "prompt": 5},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)

@@ -33,6 +33,7 @@ def client(srv):
 
 def post(srv, path, body=None, data=None, key=API_KEY, **kwargs):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers["Content-Type"] = "application/json"
     return requests.post(srv.url + path, json=body, data=data, headers=headers, timeout=10, **kwargs)
 
 
@@ -170,7 +171,7 @@ def test_models_routes(client, srv):
     ({"messages": [{"role": "wizard", "content": "x"}]}, None, "messages.0.role"),
     ({"messages": []}, None, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     None, "messages[0].content"),
+     None, "messages.0.content.0.type"),
 ])
 def test_malformed_requests_are_400_with_openai_error_body(srv, body, data, param):
     r = post(srv, "/v1/chat/completions", body, data=data)
@@ -183,7 +184,7 @@ def test_malformed_requests_are_400_with_openai_error_body(srv, body, data, para
 
 
 def test_sdk_raises_the_right_errors(client, srv):
-    with pytest.raises(openai.BadRequestError, match="n=2"):
+    with pytest.raises(openai.BadRequestError, match="n: Input should be less than or equal to 1"):
         client.chat.completions.create(model="tiny-r1", n=2, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model="tiny-r1", messages=[{"role": "user", "content": "w " * 300}])
@@ -212,13 +213,19 @@ def test_auth_scope_and_unknown_route(srv):
     assert r.status_code == 405 and "POST" in r.headers["Allow"] and r.json()["error"]["message"]
 
 
-def test_cors_preflight_and_headers(srv):
-    r = requests.options(srv.url + "/v1/chat/completions", timeout=5, headers={
-        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
-    assert r.status_code == 200
-    assert r.headers["Access-Control-Allow-Origin"] in ("*", "http://localhost:3000")
-    assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+def test_cors_preflight_and_headers_for_the_named_origins_only():
+    settings = ServerSettings(model_name="m", cors_origins=("http://localhost:3000",))
+    with scripted_server(settings=settings) as server:
+        preflight = {"Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        r = requests.options(server.url + "/v1/chat/completions", timeout=5,
+                             headers={"Origin": "http://localhost:3000", **preflight})
+        assert r.status_code == 200
+        assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
+        r = requests.options(server.url + "/v1/chat/completions", timeout=5,
+                             headers={"Origin": "http://evil.example", **preflight})
+        assert "Access-Control-Allow-Origin" not in r.headers
 
 
 def test_openapi_document_is_valid(srv):

@@ -26,6 +26,7 @@ from .quant_tensor import QuantTensor
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (Keys.Split.LLM_KV_SPLIT_NO, Keys.Split.LLM_KV_SPLIT_COUNT,
                                         Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+MAX_ARRAY_DEPTH = 8   # real files nest at most 2 (arrays of arrays); deeper is a damaged or crafted file
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<number>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 # Little-endian layout of each scalar metadata type (GGUF files written on x86/ARM hosts).
@@ -74,14 +75,17 @@ class _Cursor:
         except ValueError:
             raise GGUFError(self.path, f"metadata {key!r} has unknown value type {type_id}") from None
 
-    def value(self, key: str, value_type: GGUFValueType) -> Any:
+    def value(self, key: str, value_type: GGUFValueType, depth: int = 0) -> Any:
         if value_type == GGUFValueType.STRING:
             return self.string(f"metadata {key!r}")
         if value_type == GGUFValueType.ARRAY:
-            return self.array(key)
+            return self.array(key, depth + 1)
         return self.unpack(SCALAR_FORMATS[value_type])
 
-    def array(self, key: str) -> list:
+    def array(self, key: str, depth: int = 1) -> list:
+        if depth > MAX_ARRAY_DEPTH:
+            raise GGUFError(self.path, f"metadata {key!r} nests arrays more than {MAX_ARRAY_DEPTH} deep "
+                                       "(a damaged or crafted file)")
         item_type = self.value_type(key)
         count = self.unpack("<Q")
         if item_type in SCALAR_FORMATS:
@@ -96,7 +100,7 @@ class _Cursor:
             return values
         if item_type == GGUFValueType.STRING:
             return self.string_array(key, count)
-        return [self.value(key, item_type) for _ in range(count)]
+        return [self.value(key, item_type, depth) for _ in range(count)]
 
     def string_array(self, key: str, count: int) -> list[str]:
         # The hot path for tokenizer vocabularies and merges (>100k entries): locals only, one decode each.

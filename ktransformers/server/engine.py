@@ -1,4 +1,5 @@
-"""One worker thread owns the model; requests wait in a bounded queue.
+"""One worker thread owns the model; requests wait in a bounded list (a client that leaves
+while waiting gives its place back at once).
 
 The generation function is injected: `generate_fn(GenerationRequest)` returns an iterator of
 events (PromptAccepted first if it likes, then TokenEvent..., then FinishEvent).  The worker
@@ -8,6 +9,7 @@ cancelled (client gone); if so it closes the iterator, which stops generation wi
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -25,6 +27,7 @@ class GenerationRequest:
     max_new_tokens: int
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = None   # set by the generate function's prepare(), if it has one
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     force_think: bool = False
@@ -60,10 +63,12 @@ PING = object()   # yielded by Job.events while the model is silent
 class Job:
     """One request's view of the engine: a private event queue plus a cancel flag."""
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, on_cancel: Callable[["Job"], None] | None = None):
         self.request = request
         self._events: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._on_cancel = on_cancel
+        self.interrupted: BaseException | None = None   # set by Engine.stop: reported to the client
         self.finished = threading.Event()
 
     @property
@@ -71,10 +76,23 @@ class Job:
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
+        """The client is gone: stop generating, or give up the queue slot at once if still waiting."""
+        self._cancelled.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+
+    def _interrupt(self, reason: BaseException) -> None:
+        self.interrupted = reason
         self._cancelled.set()
 
     def _put(self, item: Any) -> None:
         self._events.put(item)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._put(error)
+        self._put(_END)
+        self.finished.set()
 
     def events(self, poll_s: float = 0.25, ping_s: float | None = None,
                disconnected: Callable[[], bool] | None = None) -> Iterator[Any]:
@@ -104,11 +122,19 @@ class Job:
 
 
 class Engine:
+    """The model's one worker thread and the bounded list of jobs waiting for it.
+
+    `generate_fn` may have a `prepare(request)` method: it runs on the caller's (request) thread in
+    `prepare`, before the job queues, so tokenizing and context checks never hold up the model.
+    """
+
     def __init__(self, generate_fn: GenerateFn, queue_size: int = 8):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self._generate = generate_fn
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._prepare = getattr(generate_fn, "prepare", None)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Condition()
         self.queue_size = queue_size
         self.current: Job | None = None
         self.completed = 0
@@ -122,64 +148,88 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped
+
+    def prepare(self, request: GenerationRequest) -> None:
+        """Tokenize and check the request on the calling thread (the generate function's `prepare`)."""
+        if self._prepare is not None:
+            self._prepare(request)
 
     def submit(self, request: GenerationRequest) -> Job:
-        if self._stopped:
-            raise EngineStopped("the engine is shut down")
-        job = Job(request)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self.queue_size} requests are already waiting") from None
+        with self._lock:
+            if self._stopped:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"{self.queue_size} requests are already waiting")
+            job = Job(request, on_cancel=self._withdraw)
+            self._waiting.append(job)
+            self._lock.notify()
         return job
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Finish the running job's current token, drop the waiting ones, end the worker."""
-        self._stopped = True
-        if self.current is not None:
-            self.current.cancel()
-        while True:
+    def _withdraw(self, job: Job) -> None:
+        """A waiting job whose client left gives its slot back now, not when the worker reaches it."""
+        with self._lock:
             try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            job._put(EngineStopped("the engine is shut down"))
-            job._put(_END)
-        self._queue.put(None)
+                self._waiting.remove(job)
+            except ValueError:
+                return   # running or done: the worker handles it
+        job._end()
+
+    def stop(self, grace_s: float = 0.0, timeout: float = 5.0) -> None:
+        """Admit nothing more, refuse the waiting jobs, give the running one `grace_s` seconds to
+        finish, then interrupt it (its client is told the server is shutting down); end the worker."""
+        with self._lock:
+            self._stopped = True
+            refused, self._waiting = list(self._waiting), collections.deque()
+            self._lock.notify_all()
+        for job in refused:
+            job._end(EngineStopped("the server is shutting down"))
+        running = self.current
+        if running is not None and grace_s > 0:
+            running.finished.wait(grace_s)
+        running = self.current
+        if running is not None and not running.finished.is_set():
+            reason = EngineStopped("the server is shutting down; generation was stopped")
+            running._interrupt(reason)
+            running._put(reason)    # the client hears it now, even while the model is inside a step
         self._worker.join(timeout)
 
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if job.cancelled:
-                job._put(_END)
-                job.finished.set()
-                continue
-            self.current = job
+            with self._lock:
+                while not self._waiting and not self._stopped:
+                    self._lock.wait()
+                if not self._waiting:
+                    return
+                job = self.current = self._waiting.popleft()
+            error = None
             try:
-                self._serve(job)
+                error = self._serve(job)
             finally:
                 self.current = None
                 self.completed += 1
-                job._put(_END)
-                job.finished.set()
+                job._end(error)
 
-    def _serve(self, job: Job) -> None:
-        events = None
+    def _serve(self, job: Job) -> BaseException | None:
+        """Run one job; return the exception that ended it (handed to the request thread)."""
+        events, ended_by = None, None
         try:
             events = iter(self._generate(job.request))
             for event in events:
                 if job.cancelled:
-                    log.info("request %s cancelled (client gone); generation stopped", job.request.request_id)
+                    log.info("request %s %s; generation stopped", job.request.request_id,
+                             "interrupted (shutdown)" if job.interrupted else "cancelled (client gone)")
+                    ended_by = job.interrupted
                     break
                 job._put(event)
                 if is_finish(event):
                     break
         except Exception as exc:  # handed to the request thread, which turns it into an HTTP error
-            job._put(exc)
+            return exc
         finally:
             close = getattr(events, "close", None)
             if close is not None:
@@ -187,3 +237,4 @@ class Engine:
                     close()
                 except Exception:
                     log.exception("closing the generator of request %s failed", job.request.request_id)
+        return ended_by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pydantic
 from flask import Flask, jsonify, request
@@ -13,9 +14,11 @@ log = logging.getLogger("ktransformers.server")
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     503: "server_overloaded",
 }
 
@@ -37,14 +40,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _field_path(loc: tuple) -> tuple:
+    """Drop pydantic's union-member tags ('str', 'list[ContentPart]', 'ContentPart') from a location."""
+    return tuple(part for part in loc if not isinstance(part, str)
+                 or (re.fullmatch(r"[a-z_][a-z0-9_]*", part) and part not in _TYPE_TAGS))
+
+
 def validation_error(exc: pydantic.ValidationError) -> APIError:
-    """Name the first offending field the way OpenAI does (param = dotted path)."""
-    first = exc.errors()[0]
+    """Name the offending field the way OpenAI does (param = dotted path); of a union's
+    alternatives, the one that got furthest into the value."""
+    errors = exc.errors()
+    first = errors[0]
     if first["type"] == "json_invalid":
         return APIError(400, f"Malformed JSON body: {first['msg']}", code="invalid_json")
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+    paths = [_field_path(e["loc"]) for e in errors]
+    best = max((i for i, path in enumerate(paths) if path[:len(paths[0])] == paths[0]), key=lambda i: len(paths[i]))
+    ordered = [best] + [i for i in range(len(errors)) if i != best]
+    param = ".".join(str(part) for part in paths[best]) or None
+    message = "; ".join(f"{'.'.join(str(p) for p in paths[i]) or 'body'}: {errors[i]['msg']}" for i in ordered[:5])
     return APIError(400, f"Invalid request: {message}", param=param, code="invalid_value")
 
 

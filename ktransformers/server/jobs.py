@@ -13,6 +13,7 @@ import time
 from typing import Any, Iterator
 
 from flask import request
+from jinja2 import TemplateError
 
 from ktransformers.server.engine import (PING, Engine, EngineStopped, GenerationRequest,
                                          PromptAccepted, QueueFull, is_finish)
@@ -25,15 +26,17 @@ log = logging.getLogger("ktransformers.server")
 
 
 def generation_error(exc: BaseException) -> APIError:
-    """Map what the worker raised to an HTTP error."""
+    """Map what the worker raised to an HTTP error.
+
+    Requests are validated before they queue (schemas, sampling values, `prepare`), so anything
+    raised while generating is the server's fault: 500 (503 when the server is shutting down).
+    """
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, EngineStopped):
-        return APIError(503, str(exc), error_type="server_error")
-    if isinstance(exc, ValueError):
-        return APIError(400, str(exc), code="invalid_value")
+        return APIError(503, str(exc), error_type="server_error", code="server_shutting_down")
     log.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
     return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", error_type="server_error")
 
@@ -45,6 +48,32 @@ def check_sampling(sampling: dict[str, Any]) -> None:
     except ValueError as exc:
         name = str(exc).split("=", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, str(exc), param=name, code="invalid_value") from None
+
+
+def prompt_chars(gen: GenerationRequest) -> int:
+    if gen.messages is not None:
+        return sum(len(m["content"]) for m in gen.messages)
+    return len(gen.prompt or "")
+
+
+def check_prompt_size(gen: GenerationRequest, settings: ServerSettings) -> None:
+    """Refuse, before any tokenizing, a prompt with more characters than max_context tokens can hold."""
+    chars = prompt_chars(gen)
+    if chars > settings.max_prompt_chars:
+        raise APIError(400, f"The prompt has {chars} characters; at most {settings.max_token_chars} fit in one "
+                            f"token, so it cannot fit the {settings.max_context}-token context (limit: "
+                            f"{settings.max_prompt_chars} characters)",
+                       param="messages" if gen.messages is not None else "prompt", code="context_length_exceeded")
+
+
+def prepare(engine: Engine, gen: GenerationRequest) -> None:
+    """Tokenize and check the prompt on this (request) thread; its errors are the client's."""
+    try:
+        engine.prepare(gen)
+    except ContextLengthError as exc:
+        raise generation_error(exc) from None
+    except (ValueError, TemplateError) as exc:   # e.g. the chat template refuses this conversation
+        raise APIError(400, str(exc), code="invalid_value") from None
 
 
 class RunningJob:
@@ -121,6 +150,10 @@ class RunningJob:
 
 def start_job(engine: Engine, gen: GenerationRequest, settings: ServerSettings, ping: bool = False) -> RunningJob:
     check_sampling(gen.sampling)
+    check_prompt_size(gen, settings)
+    if engine.stopping:
+        raise generation_error(EngineStopped("the server is shutting down"))
+    prepare(engine, gen)
     return RunningJob(engine, gen, settings, ping)
 
 

@@ -1,11 +1,13 @@
 """The engine's generate_fn for a real model: prompt ids, context check, prefill_and_generate.
 
-Runs on the engine worker thread, which alone touches the model and the tokenizer.
+Tokenizing runs on the request's thread (`ModelBackend.prepare`), the model on the engine worker.
 Clients never see control tokens (<｜Assistant｜>, <｜end▁of▁sentence｜>...): prefill_and_generate
 hides them (hide_control_tokens, on by default).
 """
 
 from __future__ import annotations
+
+import threading
 
 from ktransformers.models.loader import LoadedModel
 from ktransformers.server.engine import GenerateFn, GenerationRequest, PromptAccepted
@@ -21,16 +23,45 @@ def prompt_ids_for(loaded: LoadedModel, request: GenerationRequest) -> list[int]
     return loaded.tokenizer.encode(request.prompt, add_special_tokens=True)
 
 
-def model_generate_fn(loaded: LoadedModel) -> GenerateFn:
-    def generate(request: GenerationRequest):
-        ids = prompt_ids_for(loaded, request)
-        max_context = int(loaded.model.max_context)
-        if len(ids) >= max_context:
-            raise ContextLengthError(len(ids), max_context)
+def longest_token_chars(tokenizer) -> int:
+    """Characters of the longest vocabulary entry: no token's text is longer (a byte-level token
+    string has one character per byte), so a prompt of n characters needs at least n / this tokens."""
+    return max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
+class ModelBackend:
+    """The engine's generate_fn. `prepare` (tokenize, context check) runs on the request thread,
+    one at a time, so a long prompt never holds up the model; the model runs on the worker."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self._tokenizing = threading.Lock()
+
+    @property
+    def max_context(self) -> int:
+        return int(self.loaded.model.max_context)
+
+    def prepare(self, request: GenerationRequest) -> None:
+        with self._tokenizing:
+            ids = prompt_ids_for(self.loaded, request)
+        if len(ids) >= self.max_context:
+            raise ContextLengthError(len(ids), self.max_context)
+        request.prompt_ids = ids
+
+    def __call__(self, request: GenerationRequest):
+        return self._generate(request)
+
+    def _generate(self, request: GenerationRequest):
+        if request.prompt_ids is None:
+            self.prepare(request)
+        ids, loaded = request.prompt_ids, self.loaded
         yield PromptAccepted(len(ids))   # lets the HTTP headers go out before the (long) prefill
         sampling = SamplingParams.from_generation_config(loaded.generation_config, **request.sampling)
         yield from prefill_and_generate(loaded.model, loaded.tokenizer, ids, request.max_new_tokens,
                                         sampling=sampling, stop=request.stop or None,
                                         force_think=request.force_think,
                                         generation_config=loaded.generation_config)
-    return generate
+
+
+def model_generate_fn(loaded: LoadedModel) -> GenerateFn:
+    return ModelBackend(loaded)

@@ -29,30 +29,69 @@ ROUTES = [
 ]
 
 _ERROR_SCHEMA = {
-    "type": "object",
-    "properties": {"error": {"type": "object", "properties": {
+    "type": "object", "required": ["error"],
+    "description": "OpenAI's error body; also the in-band `data:` event of a stream that fails after it started "
+                   "(then `data: [DONE]` follows)",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
         "message": {"type": "string"}, "type": {"type": "string"},
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
 }
+_OLLAMA_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"], "properties": {"error": {"type": "string"}},
+    "description": "Ollama's error body; also the last NDJSON line of a stream that fails after it started",
+}
+_STATUS = {
+    "400": "Invalid request: a field the schema rejects, or a prompt longer than the context (context_length_exceeded)",
+    "401": "Missing or wrong API key (when the server runs with --api_key)",
+    "403": "Host header not allowed (a server bound to loopback answers only loopback names and --allowed_hosts)",
+    "413": "Request body larger than any prompt that fits the context",
+    "415": "Content-Type is not application/json",
+    "500": "Server fault",
+    "503": "Queue full (Retry-After header) or the server is shutting down",
+}
+_DESCRIPTION = """Every generation route streams when asked (`stream`): OpenAI routes as Server-Sent Events
+(`data: {json}` per chunk, then `data: [DONE]`), Ollama routes as NDJSON. Errors found before the
+stream starts are HTTP errors; an error after it started (a server fault, or shutdown) is sent in-band:
+an OpenAI error object as one more `data:` event followed by `data: [DONE]`, or Ollama's
+`{"error": "..."}` as the last line. A prompt whose text has more characters than the context can hold
+tokens is refused before tokenizing (400, code context_length_exceeded); request bodies are limited
+accordingly (413). POST bodies must be `application/json` (415 otherwise)."""
+
+
+def _error_responses(schema_name: str) -> dict:
+    content = {"application/json": {"schema": {"$ref": _REF.format(model=schema_name)}}}
+    responses = {status: {"description": text, "content": content} for status, text in _STATUS.items()}
+    responses["default"] = {"description": "Other errors (404 unknown route, 405 method)", "content": content}
+    return responses
+
+
+def _stream_schema(chunk: str | None, error: str) -> dict:
+    item = {"$ref": _REF.format(model=chunk)} if chunk else {"type": "object"}
+    return {"anyOf": [item, {"$ref": _REF.format(model=error)}]}
 
 
 def openapi_document(model_name: str) -> dict:
     # "validation" mode for responses too: a field with a default may be absent on the wire
     models = [(m, "validation") for m in schemas.ALL_REQUEST_MODELS + response_schemas.ALL_RESPONSE_MODELS]
     refs, defs = models_json_schema(models, ref_template=_REF)
-    components = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA}
+    components = {**defs.get("$defs", {}), "Error": _ERROR_SCHEMA, "OllamaError": _OLLAMA_ERROR_SCHEMA}
     paths: dict[str, dict] = {}
     for method, path, summary, model, media in ROUTES:
-        content = {kind: {"schema": {"$ref": _REF.format(model=name)} if name else {"type": "object"}}
-                   for kind, name in media.items()}
+        error = "OllamaError" if path.startswith("/api/") else "Error"
+        content = {}
+        for kind, name in media.items():
+            if kind in (_SSE, _NDJSON):
+                content[kind] = {"schema": _stream_schema(name, error)}
+            else:
+                content[kind] = {"schema": {"$ref": _REF.format(model=name)} if name else {"type": "object"}}
         operation = {
             "summary": summary,
             "operationId": f"{method}_{path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
             "responses": {
-                "200": {"description": "Success (streams carry one schema instance per event or line)",
+                "200": {"description": "Success (a stream carries one schema instance per event or line; "
+                                       "an error after the stream started is one more instance, of the error shape)",
                         "content": content},
-                "default": {"description": "Error", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                **_error_responses(error),
             },
         }
         if "{model_id}" in path:
@@ -63,7 +102,8 @@ def openapi_document(model_name: str) -> dict:
         paths.setdefault(path, {})[method] = operation
     return {
         "openapi": "3.1.0",
-        "info": {"title": f"ktransformers server ({model_name})", "version": package_version},
+        "info": {"title": f"ktransformers server ({model_name})", "version": package_version,
+                 "description": _DESCRIPTION},
         "paths": paths,
         "components": {
             "schemas": components,

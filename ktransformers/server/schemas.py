@@ -7,12 +7,20 @@ straight from the raw body with `model_validate_json`, so malformed JSON is repo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ktransformers.util.sampling import GREEDY_BELOW
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ReasoningFormat = Literal["deepseek", "think_tags"]
+
+# Every limit the server enforces is stated here, so /openapi.json tells clients (and fuzzers) the truth.
+NonEmpty = Annotated[str, Field(min_length=1)]
+StopStrings = NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)]
+Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1, description="A signed 64-bit integer")]
+TEMPERATURE_NOTE = f"0 (or below {GREEDY_BELOW:g}) decodes greedily"
 
 
 class _Request(BaseModel):
@@ -22,8 +30,8 @@ class _Request(BaseModel):
 # ---------------------------------------------------------------- OpenAI
 
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Literal["text"] = Field(description="Only text parts: this model reads text only")
+    text: str
 
 
 class ChatMessage(_Request):
@@ -37,15 +45,15 @@ class StreamOptions(_Request):
 
 
 class _Sampling(_Request):
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, description=TEMPERATURE_NOTE)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="Non-standard (vLLM style); 0 disables")
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, description="Non-standard (HF style)")
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, description="Only 1 is supported")
+    stop: StopStrings | None = Field(None, description="Non-empty strings")
+    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     model: str | None = Field(None, description="Any name (or none): the served model answers and responses carry its name")
@@ -60,21 +68,22 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="A string (or a list holding one string)")
+    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] = Field(
+        description="A non-empty string (or a list holding one); batched prompts are not supported")
     max_tokens: int | None = Field(None, ge=1)
 
 
 # ---------------------------------------------------------------- Ollama
 
 class OllamaOptions(_Request):
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, description=TEMPERATURE_NOTE)
+    top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    seed: Seed | None = None
     num_predict: int | None = Field(None, description="-1 or absent: the server default")
-    stop: list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    stop: Annotated[list[NonEmpty], Field(max_length=16)] | None = Field(None, description="Non-empty strings")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0)
 
 
@@ -82,7 +91,7 @@ class OllamaMessage(_Request):
     role: Role
     content: str = ""
     thinking: str | None = None
-    images: list[str] | None = None
+    images: list[str] | None = Field(None, max_length=0, description="This model reads text only: none or empty")
 
 
 class _OllamaGenerate(_Request):
@@ -102,12 +111,21 @@ class OllamaGenerateRequest(_OllamaGenerate):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
+    images: list[str] | None = Field(None, max_length=0, description="This model reads text only: none or empty")
 
 
 class OllamaShowRequest(_Request):
-    model: str | None = None
-    name: str | None = Field(None, description="Older clients send `name` instead of `model`")
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [key], "properties": {key: {"type": "string"}}} for key in ("model", "name")]})
+
+    model: NonEmpty | None = None
+    name: NonEmpty | None = Field(None, description="Older clients send `name` instead of `model`")
+
+    @model_validator(mode="after")
+    def _one_name(self):
+        if not (self.model or self.name):
+            raise ValueError("model: required (the model to describe)")
+        return self
 
 
 ALL_REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest, OllamaChatRequest,

@@ -22,12 +22,22 @@ class ServerSettings:
     quantization_level: str = ""
     model_size_bytes: int = 0
     created: int = field(default=0)     # unix time the model was loaded
+    max_token_chars: int = 64           # the longest token's text: prompts over max_context * this are refused unread
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" = any); none: no CORS headers
+    allowed_hosts: tuple[str, ...] = () # Host header names accepted besides loopback ones (see host_guard)
+    loopback_only: bool = True          # bound to a loopback address: refuse foreign Host headers (DNS rebinding)
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:
             raise ValueError(f"reasoning_format must be one of {REASONING_FORMATS}, got {self.reasoning_format!r}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a real key, or none to leave the server open")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_context * self.max_token_chars
 
     def accepts_model(self, name: str | None) -> bool:
         """True when `name` designates the served model (Ollama clients append ':latest')."""

@@ -61,3 +61,19 @@ def _check_model_dir(path: Path) -> None:
     if not (path / TOKENIZER_FILE).is_file():
         raise StartupError(f"--model_path {path}: no {TOKENIZER_FILE} (copy the tokenizer files of the Hugging "
                            "Face repo there, or leave --model_path out to use the tokenizer in the GGUF)")
+
+
+SAMPLE_CONVERSATION = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
+                       {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+
+
+def check_chat_template(tokenizer, source: str, force_think: bool = False) -> None:
+    """Render a sample conversation now: a template that does not compile or render would fail every chat."""
+    from ktransformers.util.chat import build_prompt_ids
+
+    try:
+        build_prompt_ids(tokenizer, SAMPLE_CONVERSATION, force_think)
+    except Exception as err:   # jinja2 syntax/undefined errors, the template's own raise_exception, ...
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise StartupError(f"{source}: the chat template cannot render a sample conversation "
+                           f"({type(err).__name__}: {detail})") from None

@@ -52,15 +52,21 @@ class ScriptedGenerator:
         for i in itertools.count():
             yield "", f"{tag}.{i} "
 
+    def prepare(self, request: GenerationRequest) -> None:
+        """Runs on the request thread (as the real backend's tokenizing does): one token per word."""
+        text = " ".join(m["content"] for m in request.messages) if request.messages else request.prompt
+        request.prompt_ids = list(range(len(text.split())))
+        if len(request.prompt_ids) >= self.max_context:
+            raise ContextLengthError(len(request.prompt_ids), self.max_context)
+
     def __call__(self, request: GenerationRequest):
         return self._generate(request)
 
     def _generate(self, request: GenerationRequest):
         self.requests.append(request)
-        text = " ".join(m["content"] for m in request.messages) if request.messages else request.prompt
-        prompt_tokens = len(text.split())
-        if prompt_tokens >= self.max_context:
-            raise ContextLengthError(prompt_tokens, self.max_context)
+        if request.prompt_ids is None:
+            self.prepare(request)
+        prompt_tokens = len(request.prompt_ids)
         yield PromptAccepted(prompt_tokens)
         count, finish_reason, started = 0, "length", time.perf_counter()
         try:

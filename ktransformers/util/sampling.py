@@ -19,9 +19,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Temperatures below this decode greedily: dividing logits by ~1e-38 overflows float32 to inf (and
+# the probabilities to NaN), while any temperature this small already picks the argmax.
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)   # what torch.Generator.manual_seed accepts
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_p: float = 1.0  # nucleus mass kept, (0, 1]; 1 = off
     top_k: int = 0  # tokens kept; 0 = off
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max; 0 = off
@@ -44,12 +50,13 @@ class SamplingParams:
         check("repetition_penalty", lambda v: _is_number(v) and v > 0, "a finite number > 0")
         check("presence_penalty", lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]")
         check("frequency_penalty", lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]")
-        check("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-              "an integer or None")
+        check("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                              and SEED_RANGE[0] <= v <= SEED_RANGE[1]),
+              f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_generation_config(cls, generation_config, **overrides) -> "SamplingParams":
