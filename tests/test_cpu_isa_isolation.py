@@ -17,7 +17,7 @@ from ktransformers import kernels
 ISA_CODE = re.compile(r"kt::(avx2|vnni)::")
 # VEX/EVEX-encoded instructions (AVX and later: every mnemonic starting with v, mask-register
 # moves) and the BMI1/BMI2 scalar ones, none of which a baseline x86-64 CPU has.
-BEYOND_BASELINE = re.compile(r"^(v[a-z]|k(mov|or|and|not|shift|test|unpck)|shlx|shrx|sarx|rorx|pdep|pext|andn|bzhi|blsi|blsr|blsmsk)")
+BEYOND_BASELINE = re.compile(r"^(v[a-z]\w*|k(mov|or|and|not|shift|test|unpck)\w*|shlx|shrx|sarx|rorx|pdep|pext|andn|bzhi|blsi|blsr|blsmsk)(\s|$)")
 FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
 BRANCH_TARGET = re.compile(r"<([^>+]*)(\+0x[0-9a-f]+)?>")
 
