@@ -139,7 +139,7 @@ def train(out: Path, steps: int, seed: int, device: str, lr: float, short_batch:
     # steps == 0: time the first PROBE steps and pick the step count that fills `time_budget`
     # (the log records it; pass it as --steps to repeat the run)
     total = {"steps": steps or 10 ** 9}
-    warmup = 300 if not steps else min(300, steps // 10)
+    warmup = min(300, (steps or 10 ** 9) // 5)
 
     def lr_factor(s):
         if s < warmup:

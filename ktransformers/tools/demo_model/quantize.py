@@ -1,0 +1,95 @@
+"""Quantize the demo model's f32 GGUF with llama.cpp's llama-quantize (run as a tool, built from source).
+
+    python -m ktransformers.tools.demo_model.quantize --f32 demo-f32.gguf --out DIR [--llama-cpp-bin DIR]
+
+Writes DIR/demo-q4_k_m.gguf (llama.cpp's Q4_K_M mix) and DIR/demo-ud-iq1_s.gguf (Unsloth's UD-IQ1_S
+recipe: routed gate/up experts IQ1_S, routed down experts IQ2_XXS, Q2_K in the first MoE layer,
+the rest as Q4_K_M), both with an importance matrix from llama-imatrix over chats drawn from the
+task generator. Without --llama-cpp-bin (or $LLAMA_CPP_BIN) llama.cpp's sources are taken from the
+llama-cpp-python sdist on PyPI (which vendors them) and only llama-quantize and llama-imatrix are
+built, with cmake, into --work (a few minutes on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+from .task import make_messages, random_problem, reply
+from .tokenizer import render_chat
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+EOS = "<｜end▁of▁sentence｜>"
+UD_IQ1_S_TYPES = [r"blk\.1\.ffn_down_exps=q2_k", "ffn_down_exps=iq2_xxs", "ffn_gate_exps=iq1_s", "ffn_up_exps=iq1_s"]
+
+
+def build_llama_cpp(work: Path) -> Path:
+    """The bin directory of a llama.cpp build holding llama-quantize and llama-imatrix."""
+    work.mkdir(parents=True, exist_ok=True)
+    if not list(work.glob("llama_cpp_python-*.tar.gz")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        LLAMA_CPP_PYTHON, "-d", str(work)], check=True)
+    sdist = sorted(work.glob("llama_cpp_python-*.tar.gz"))[-1]
+    source = work / sdist.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
+    if not source.is_dir():
+        with tarfile.open(sdist) as archive:
+            archive.extractall(work, filter="data")
+    build = source / "build"
+    bin_dir = build / "bin"
+    if not (bin_dir / "llama-quantize").exists() or not (bin_dir / "llama-imatrix").exists():
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+                        "--target", "llama-quantize", "llama-imatrix"], check=True)
+    return bin_dir
+
+
+def calibration_text(n: int = 300, seed: int = 99) -> str:
+    rng = random.Random(seed)
+    chats = []
+    for i in range(n):
+        problem = random_problem(rng)
+        chats.append(render_chat(make_messages(problem, rng, long_context=i % 3 == 0)) + reply(problem) + EOS)
+    return "\n".join(chats)
+
+
+def quantize(f32_gguf: Path, out: Path, bin_dir: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    calibration = out / "calibration.txt"
+    imatrix = out / "imatrix.gguf"
+    calibration.write_text(calibration_text())
+    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32_gguf), "-f", str(calibration), "-o", str(imatrix),
+                    "-c", "512", "-t", "2", "--parse-special", "--seed", "0"], check=True)
+    written = []
+    for variant, overrides in (("q4_k_m", []), ("ud-iq1_s", UD_IQ1_S_TYPES)):
+        target = out / f"demo-{variant}.gguf"
+        command = [str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix),
+                   "--override-kv", f"general.name=str:ktransformers-demo-{variant}"]
+        for override in overrides:
+            command += ["--tensor-type", override]
+        subprocess.run(command + [str(f32_gguf), str(target), "Q4_K_M", "2"], check=True)
+        written.append(target)
+    calibration.unlink()
+    imatrix.unlink()
+    return written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--f32", type=Path, required=True, help="the f32 GGUF written by export.py --types f32")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"))
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "ktransformers" / "llama.cpp")
+    a = p.parse_args(argv)
+    bin_dir = a.llama_cpp_bin or build_llama_cpp(a.work)
+    for path in quantize(a.f32, a.out, bin_dir):
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
