@@ -30,7 +30,7 @@ setup(
     version="0.2.1.post1",
     description="DeepSeek-V3/R1 MoE inference from GGUF on one workstation, served over an OpenAI-compatible API",
     packages=find_packages(include=["ktransformers", "ktransformers.*"]),
-    package_data={"ktransformers": ["optimize/rules/*.yaml"]},
+    package_data={"ktransformers": ["optimize/rules/*.yaml", "demo/model/*.json", "demo/model/*.gguf"]},
     ext_modules=[cpu_kernels],
     cmdclass={"build_ext": build_ext},
     python_requires=">=3.10",
