@@ -2,7 +2,7 @@
 """Serve a DeepSeek-V3/R1 GGUF over an OpenAI- and Ollama-compatible streaming API.
 
     python chat_openai.py --model_path DIR --gguf_path PATH [--port 10002] [--api_key KEY]
-    python chat_openai.py --demo          # a tiny random model, built once, to see it all work
+    python chat_openai.py --demo          # the shipped demo model (a tiny DeepSeek-V3 that does arithmetic)
 
 Point clients at http://HOST:PORT/v1 (OpenAI) or http://HOST:PORT (Ollama).
 """
@@ -14,15 +14,15 @@ import errno
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import gguf
 
+from ktransformers.demo import DEFAULT_VARIANT as DEFAULT_DEMO_VARIANT
+from ktransformers.demo import demo_model_name, demo_paths, variant_name
 from ktransformers.gguf import GGUFModel
 from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {DEFAULT_LIMITS.channel_timeout})")
     p.add_argument("--shutdown_grace", type=float, default=5.0,
                    help="on SIGTERM/Ctrl-C, seconds running replies may take to finish (default 5)")
-    p.add_argument("--demo", action="store_true", help="serve a tiny random model (built once into the cache)")
+    p.add_argument("--demo", nargs="?", const=DEFAULT_DEMO_VARIANT, metavar="VARIANT", type=demo_variant,
+                   help="serve the shipped demo model, a tiny DeepSeek-V3 trained to do arithmetic: "
+                        "q4_k_m (default), q8_0, iq1_s or f32 (the bf16 reference)")
     args = p.parse_args(argv)
     if not args.demo and not args.gguf_path:
         p.error("--gguf_path is required (or use --demo to try the server with a tiny model)")
@@ -83,20 +85,17 @@ def comma_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def demo_model_dir() -> Path:
-    """The tiny demo model, built on first use into $KTRANSFORMERS_CACHE/demo (or ~/.cache/ktransformers/demo)."""
-    from ktransformers.tools.make_tiny_model import make_tiny_model
+def demo_variant(value: str) -> str:
+    """argparse type of --demo: a shipped demo variant (ktransformers.demo.VARIANTS or an alias)."""
+    try:
+        return variant_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
-    cache = Path(os.environ.get("KTRANSFORMERS_CACHE") or Path.home() / ".cache" / "ktransformers")
-    target = cache / "demo"
-    if not (target / "model.gguf").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        print(f"Building the demo model into {target} (once) ...", flush=True)
-        staging = Path(tempfile.mkdtemp(prefix="demo-", dir=cache))   # never leave a half-built cache
-        make_tiny_model(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    return target
+
+def demo_model(variant: str = DEFAULT_DEMO_VARIANT) -> tuple[Path, Path]:
+    """(model_dir, gguf_path) of the demo model shipped in the package (ktransformers/demo/model)."""
+    return demo_paths(variant)
 
 
 def describe_gguf(model: GGUFModel) -> dict:
@@ -155,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
     if args.demo:
-        demo = demo_model_dir()
-        args.model_path, args.gguf_path = str(demo), str(demo / "model.gguf")
-        args.model_name = args.model_name or "ktransformers-demo"
+        demo, demo_gguf = demo_model(args.demo)
+        args.model_path, args.gguf_path = str(demo), str(demo_gguf)
+        args.model_name = args.model_name or demo_model_name(args.demo)
         trained_context = json.loads((demo / "config.json").read_text())["max_position_embeddings"]
         args.max_context = min(args.max_context, trained_context)
 
