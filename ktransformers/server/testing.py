@@ -112,3 +112,32 @@ def scripted_server(settings: ServerSettings | None = None, queue_size: int = 4,
         finally:
             generator.allow(1_000_000)   # free any token a test left waiting
             engine.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ktransformers.server.testing --port N`: the scripted server as a process, served and
+    shut down (SIGTERM, Ctrl-C) exactly as chat_openai.py serves a model."""
+    import argparse
+    import logging
+
+    from ktransformers.server.wsgi import create_server, serve_until_stopped
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--token_delay_s", type=float, default=0.05)
+    p.add_argument("--queue_size", type=int, default=4)
+    p.add_argument("--shutdown_grace", type=float, default=5.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = Engine(ScriptedGenerator(token_delay_s=args.token_delay_s), queue_size=args.queue_size)
+    app = create_app(engine, ServerSettings(model_name="scripted"))
+    server = create_server(app, "127.0.0.1", args.port, args.queue_size)
+    print(f"Serving 'scripted' on http://127.0.0.1:{args.port}", flush=True)
+    serve_until_stopped(server, engine, grace_s=args.shutdown_grace)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
