@@ -69,6 +69,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = factory.linear("lm_head")
         # set by the loader on GPU: one-token steps then run through util/cuda_graph.StaticDecoder
         self.step_decoder = None
+        # The token ids whose rows the KV cache holds, at positions 0..len-1, kept by forward
+        # itself so any caller leaves it exact (util/prefix_cache.py reuses them).
+        self.cached_ids: list[int] = []
+
+    def kv_caches(self) -> list[torch.Tensor]:
+        """Each layer's compressed KV cache [max_context, kv_lora_rank + rope_dim] (row = position)."""
+        return [layer.self_attn.kv_cache for layer in self.model.layers]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -80,10 +87,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         if start_pos < 0 or start_pos + n_tokens > self.max_context:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tokens - 1} do not fit the context window of "
                              f"{self.max_context} tokens (max_context)")
+        # rows from start_pos on are rewritten: until this call succeeds, none of them is known
+        del self.cached_ids[start_pos:]
         if n_tokens == 1 and self.step_decoder is not None:
-            return self.step_decoder.step(int(input_ids[0, 0]), start_pos)[None, None]
-        hidden = self.model.embed_tokens(input_ids[0])
-        for layer in self.model.layers:
-            hidden = layer(hidden, start_pos)
-        hidden = run(self.model.norm, hidden)
-        return run(self.lm_head, hidden).float()[None]
+            logits = self.step_decoder.step(int(input_ids[0, 0]), start_pos)[None, None]
+        else:
+            hidden = self.model.embed_tokens(input_ids[0])
+            for layer in self.model.layers:
+                hidden = layer(hidden, start_pos)
+            hidden = run(self.model.norm, hidden)
+            logits = run(self.lm_head, hidden).float()[None]
+        if len(self.cached_ids) == start_pos:  # rows before start_pos were known: the cache now holds a prefix
+            self.cached_ids.extend(input_ids[0].tolist())
+        return logits

@@ -45,5 +45,6 @@ class FinishEvent:
     completion_tokens: int
     prefill_seconds: float
     decode_seconds: float
-    prefill_tokens_per_s: float
+    prefill_tokens_per_s: float  # over the prompt tokens actually run (prompt_tokens - cached_tokens)
     decode_tokens_per_s: float
+    cached_tokens: int = 0  # prompt tokens whose cache rows were reused (util/prefix_cache.py), not run

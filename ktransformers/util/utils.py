@@ -74,6 +74,7 @@ def prefill_and_generate(
     eos_token_ids=None,
     generation_config=None,
     hide_control_tokens: bool = True,
+    prefix_cache=None,
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
@@ -81,8 +82,10 @@ def prefill_and_generate(
     (or a prompt ending in "<think>") starts the stream in reasoning mode. `eos_token_ids`
     defaults to the tokenizer's eos plus `generation_config.eos_token_id` (the model's
     own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
-    such as <｜Assistant｜> out of the text (never <think>/</think>). Bad arguments raise ValueError
-    before any model call.
+    such as <｜Assistant｜> out of the text (never <think>/</think>). `prefix_cache` (a
+    util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
+    earlier request left; without it the prompt is prefilled from position 0. Bad arguments raise
+    ValueError before any model call.
     """
     prompt_ids = _as_id_list(inputs)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -101,11 +104,11 @@ def prefill_and_generate(
     stop_matcher = StopStringMatcher(stop)
     detokenizer = IncrementalDetokenizer(tokenizer, hide_control_tokens)
     return _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer)
+                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache)
 
 
 def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-              stop_matcher, force_think, chunk_size, eos_ids, detokenizer):
+              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache):
     sampler = Sampler(sampling, prompt_ids)
     splitter = ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids))
     # The whole sequence (prompt + answer) must fit in the context window.
@@ -127,7 +130,8 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
         return TokenEvent(token_id, shown, reasoning, content)
 
     started = time.perf_counter()
-    for start in range(0, len(prompt_ids), chunk_size):
+    cached = prefix_cache.prepare(prompt_ids) if prefix_cache is not None else 0
+    for start in range(cached, len(prompt_ids), chunk_size):
         logits = forward(prompt_ids[start:start + chunk_size], start)
     token = sampler.sample(logits)
     prefill_seconds = time.perf_counter() - started
@@ -164,6 +168,7 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
         completion_tokens=completion,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
-        prefill_tokens_per_s=len(prompt_ids) / prefill_seconds if prefill_seconds > 0 else 0.0,
+        prefill_tokens_per_s=(len(prompt_ids) - cached) / prefill_seconds if prefill_seconds > 0 else 0.0,
         decode_tokens_per_s=decode_steps / decode_seconds if decode_seconds > 0 else 0.0,
+        cached_tokens=cached,
     )
