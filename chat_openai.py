@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimize_config_path", help="placement rules YAML")
     p.add_argument("--cpu_infer", type=int, help="CPU threads for the routed experts")
     p.add_argument("--queue_size", type=int, default=8, help="requests that may wait; more get 503")
+    p.add_argument("--cache_tokens", type=int, default=16384,
+                   help="prefix cache: KV rows of earlier conversations kept in RAM for reuse (about 70 KB a "
+                        "token for DeepSeek-V3); the live conversation is always reused; 0 turns prefix reuse off")
     p.add_argument("--cors_origins", type=comma_list, default=(),
                    help="browser origins allowed to call the API, comma-separated ('*' = any; default: none)")
     p.add_argument("--allowed_hosts", type=comma_list, default=(),
@@ -73,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--api_key (or $KTRANSFORMERS_API_KEY) is empty: give a key, or unset it to leave the server open")
     if args.shutdown_grace < 0:
         p.error(f"--shutdown_grace must be >= 0, got {args.shutdown_grace}")
+    if args.cache_tokens < 0:
+        p.error(f"--cache_tokens must be >= 0, got {args.cache_tokens}")
     for option in ("queue_size", "max_context", "max_new_tokens", "cpu_infer", "max_connections", "idle_timeout"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -176,7 +181,7 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
         max_token_chars=longest_token_chars(loaded.tokenizer), cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host), **describe_gguf(gguf_model))
-    engine = Engine(model_generate_fn(loaded), queue_size=args.queue_size)
+    engine = Engine(model_generate_fn(loaded, args.cache_tokens), queue_size=args.queue_size)
     limits = ConnectionLimits(connection_limit=args.max_connections, channel_timeout=args.idle_timeout)
     server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets, limits=limits)
     base = f"http://{args.host}:{args.port}"

@@ -15,6 +15,7 @@ from ktransformers.util.chat import build_prompt_ids
 from ktransformers.util.events import FinishEvent
 from ktransformers.util.reasoning import THINK_OPEN
 from ktransformers.util.sampling import SamplingParams
+from ktransformers.util.prefix_cache import PrefixCache
 from ktransformers.util.utils import prefill_and_generate, prompt_ends_in_reasoning
 
 PROMPT = "Chat: "
@@ -31,7 +32,8 @@ def str2bool(value: str) -> bool:
 
 def format_stats(finish: FinishEvent) -> str:
     return "\n".join([
-        f"prompt eval count:    {finish.prompt_tokens} token(s)",
+        f"prompt eval count:    {finish.prompt_tokens - finish.cached_tokens} token(s)"
+        f" ({finish.cached_tokens} more reused from the cache)",
         f"prompt eval duration: {finish.prefill_seconds:.3f}s",
         f"prompt eval rate:     {finish.prefill_tokens_per_s:.2f} tokens/s",
         f"eval count:           {finish.completion_tokens} token(s)",
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
     chat_loop(loaded.model, loaded.tokenizer, force_think=args.force_think,
               system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
               chunk_size=args.chunk_size, sampling=sampling,
-              generation_config=loaded.generation_config)
+              generation_config=loaded.generation_config,
+              prefix_cache=PrefixCache(loaded.model, capacity_tokens=0))  # one conversation: the live one
     return 0
 
 

@@ -160,8 +160,11 @@ def test_cli_chats_with_the_tiny_model(tiny_model_dir):
     assert out.count("prompt eval count:") == 2
     counts = [int(n) for n in re.findall(r"^eval count:\s+(\d+) token", out, re.M)]
     assert len(counts) == 2 and all(1 <= n <= 4 for n in counts)
-    prompts = [int(n) for n in re.findall(r"prompt eval count:\s+(\d+) token", out)]
-    assert prompts[1] > prompts[0]  # the second prompt carries the first turn
+    prompts = [(int(run), int(reused)) for run, reused in
+               re.findall(r"prompt eval count:\s+(\d+) token\(s\) \((\d+) more reused", out)]
+    assert len(prompts) == 2 and prompts[0][1] == 0
+    assert sum(prompts[1]) > sum(prompts[0])  # the second prompt carries the first turn
+    assert prompts[1][1] > 0 and prompts[1][0] < sum(prompts[0])  # ... whose rows are reused, not run again
 
 
 def test_sigint_during_an_answer_cancels_it_and_the_chat_goes_on(tiny_model_dir):

@@ -63,7 +63,8 @@ def _formatter(think, settings) -> ReasoningFormatter:
 
 def _stats(finish, started: float) -> dict:
     return {"done_reason": finish.finish_reason, "total_duration": _ns(time.monotonic() - started),
-            "load_duration": 0, "prompt_eval_count": finish.prompt_tokens,
+            # as Ollama counts it: the prompt tokens evaluated, without those reused from the cache
+            "load_duration": 0, "prompt_eval_count": finish.prompt_tokens - finish.cached_tokens,
             "prompt_eval_duration": _ns(finish.prefill_seconds), "eval_count": finish.completion_tokens,
             "eval_duration": _ns(finish.decode_seconds)}
 

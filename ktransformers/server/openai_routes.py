@@ -61,7 +61,8 @@ def message_text(content: str | list[ContentPart] | None, where: str) -> str:
 
 def _usage(finish) -> dict:
     return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": finish.cached_tokens}}
 
 
 # ---------------------------------------------------------------- chat
