@@ -93,19 +93,23 @@ def main(argv=None):
     p.add_argument("--rules", default="torch", choices=["torch", "cpu_quant", "default"])
     p.add_argument("-n", type=int, default=240)
     p.add_argument("--mode", default="both", choices=["exact", "generate", "both"])
+    p.add_argument("--generate-n", type=int, default=None, help="generate for the first N questions only")
     a = p.parse_args(argv)
     model_dir, gguf_path = demo_paths(a.variant)
     rules = rules_file(a.rules, Path(tempfile.mkdtemp()))
     loaded = load_model(gguf_path, model_dir, rules, max_context=4096)
+    result_device = {"cuda": torch.cuda.is_available()}
     cases = held_out_cases(a.n)
-    result = {"variant": a.variant, "rules": a.rules, "questions": len(cases)}
+    result = {"variant": a.variant, "rules": a.rules, "questions": len(cases), **result_device}
     if a.mode in ("exact", "both"):
         start = time.time()
         result["exact_greedy"], failures = exact_greedy_accuracy(loaded, cases)
         result["exact_seconds"] = round(time.time() - start, 1)
     if a.mode in ("generate", "both"):
         start = time.time()
-        result["generate"], failures = generate_accuracy(loaded, cases)
+        generated = cases[:a.generate_n or len(cases)]
+        result["generate"], failures = generate_accuracy(loaded, generated)
+        result["generate_questions"] = len(generated)
         result["generate_seconds"] = round(time.time() - start, 1)
         for problem, reasoning, content in failures[:3]:
             print("FAIL", problem, repr(reasoning[-80:]), repr(content))
