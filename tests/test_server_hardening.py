@@ -372,8 +372,14 @@ def test_error_shapes_and_in_band_stream_errors_are_documented():
         srv.generator.fail_after = 1
         with requests.post(srv.url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=5) as r:
             events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
-        stream = validator("/v1/chat/completions", "text/event-stream", "200")
+        event_schema = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"][
+            "text/event-stream"]["schema"]
+        assert Draft202012Validator(event_schema).is_valid({"data": "[DONE]"})
+        payload = event_schema["properties"]["data"]["anyOf"][1]
+        assert payload["contentMediaType"] == "application/json"
+        stream = Draft202012Validator({**payload["contentSchema"], "components": doc["components"]})
         assert "error" in events[-1] and all(stream.is_valid(e) for e in events)
+        assert not stream.is_valid({"error": "a string is Ollama's shape"})
         assert "[DONE]" in doc["info"]["description"] and "in-band" in doc["info"]["description"]
         for status in ("400", "403", "413", "415", "503"):
             assert status in doc["paths"]["/v1/chat/completions"]["post"]["responses"]

@@ -118,10 +118,10 @@ def test_stream_past_the_grace_period_ends_in_band_then_exit_0():
     server = scripted(grace=0.5)
     try:
         stream = Stream(server.url, {**CHAT, "max_tokens": 100_000})
+        assert stream.started.wait(10)
         ollama = Stream(server.url, {"model": "m", "messages": CHAT["messages"], "options": {"num_predict": 100_000}},
                         path="/api/chat")   # waits in the queue behind the first
-        assert stream.started.wait(10)
-        time.sleep(0.3)
+        time.sleep(0.5)
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         stream.join()

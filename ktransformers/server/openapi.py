@@ -65,9 +65,16 @@ def _error_responses(schema_name: str) -> dict:
     return responses
 
 
-def _stream_schema(chunk: str | None, error: str) -> dict:
-    item = {"$ref": _REF.format(model=chunk)} if chunk else {"type": "object"}
-    return {"anyOf": [item, {"$ref": _REF.format(model=error)}]}
+def _stream_schema(kind: str, chunk: str | None, error: str) -> dict:
+    """One stream item: an NDJSON line, or an SSE event whose `data` is JSON (or the final `[DONE]`),
+    written as Open API 3.2 describes events (`data` with contentMediaType and contentSchema)."""
+    item = {"anyOf": [{"$ref": _REF.format(model=chunk)} if chunk else {"type": "object"},
+                      {"$ref": _REF.format(model=error)}]}
+    if kind == _NDJSON:
+        return item
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": item}
+    return {"type": "object", "required": ["data"],
+            "properties": {"event": {"type": "string"}, "data": {"anyOf": [{"const": "[DONE]"}, json_data]}}}
 
 
 def openapi_document(model_name: str) -> dict:
@@ -81,7 +88,7 @@ def openapi_document(model_name: str) -> dict:
         content = {}
         for kind, name in media.items():
             if kind in (_SSE, _NDJSON):
-                content[kind] = {"schema": _stream_schema(name, error)}
+                content[kind] = {"schema": _stream_schema(kind, name, error)}
             else:
                 content[kind] = {"schema": {"$ref": _REF.format(model=name)} if name else {"type": "object"}}
         operation = {
