@@ -61,6 +61,8 @@ accordingly (413). POST bodies must be `application/json` (415 otherwise)."""
 def _error_responses(schema_name: str) -> dict:
     content = {"application/json": {"schema": {"$ref": _REF.format(model=schema_name)}}}
     responses = {status: {"description": text, "content": content} for status, text in _STATUS.items()}
+    responses["413"] = {"description": _STATUS["413"] + " (over 64 MiB the HTTP layer answers in plain text)",
+                        "content": {**content, "text/plain": {"schema": {"type": "string"}}}}
     responses["default"] = {"description": "Other errors (404 unknown route, 405 method)", "content": content}
     return responses
 

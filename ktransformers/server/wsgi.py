@@ -67,6 +67,7 @@ class ConnectionLimits:
     cleanup_interval: int = 5       # how often idle connections are looked for
     backlog: int = 1024             # connections the kernel holds before accept()
     max_request_header_size: int = 64 * 1024
+    max_request_body_size: int = 64 * 1024 * 1024   # waitress' own cut (plain-text 413); the app's JSON 413 is lower
     asyncore_use_poll: bool = True  # poll(): select() cannot watch descriptors past 1023
 
 
