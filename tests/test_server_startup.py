@@ -47,11 +47,11 @@ def assert_one_error_line(result: subprocess.CompletedProcess, *words: str) -> N
 
 # ---------------------------------------------------------------- 5. a chat template that cannot render
 
-@pytest.mark.parametrize("template, words", [
-    ("{% if %}{{ x }}", ["chat template", "TemplateSyntaxError"]),
-    ("{{ raise_exception('this template needs tools') }}", ["chat template", "needs tools"]),
+@pytest.mark.parametrize("template, words, before_load", [
+    ("{% if %}{{ x }}", ["chat template", "TemplateSyntaxError"], True),            # compiled before the load
+    ("{{ raise_exception('this template needs tools') }}", ["chat template", "needs tools"], False),   # rendered after
 ])
-def test_broken_chat_template_is_one_line_at_startup(template, words, tiny_model_dir, tmp_path):
+def test_broken_chat_template_is_one_line_at_startup(template, words, before_load, tiny_model_dir, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -60,6 +60,30 @@ def test_broken_chat_template_is_one_line_at_startup(template, words, tiny_model
     result = run_script("--model_path", str(model_dir), "--gguf_path", str(model_dir / "model.gguf"), timeout=90)
     assert_one_error_line(result, str(model_dir), *words)
     assert "Serving" not in result.stdout
+    assert ("loading layers" not in result.stderr) == before_load
+
+
+def test_broken_chat_template_in_the_gguf_fails_before_the_load(tiny_model_dir, tmp_path):
+    from gguf import GGUFReader, GGUFWriter
+
+    reader = GGUFReader(tiny_model_dir / "model.gguf")
+    broken = tmp_path / "broken-template.gguf"
+    writer = GGUFWriter(broken, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub)
+    writer.add_chat_template("{% for m in messages %}{{ m.content }")
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_shape=tensor.data.shape, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = run_script("--gguf_path", str(broken), timeout=90)
+    assert_one_error_line(result, str(broken), "chat template does not compile")
+    assert "loading layers" not in result.stderr
 
 
 # ---------------------------------------------------------------- 6. deeply nested metadata arrays

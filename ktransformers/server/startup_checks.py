@@ -7,9 +7,13 @@ chat_openai.py prints it as one `error: ...` line.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from gguf import Keys
+from jinja2 import TemplateSyntaxError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ktransformers.gguf import GGUFError, GGUFModel, open_gguf
 from ktransformers.models.config import config_from_gguf, load_hf_config
@@ -46,10 +50,44 @@ def check_model_files(gguf_path: str, model_path: str | None) -> GGUFModel:
     config_from_gguf(model.metadata, model.tensors.keys(), source)   # raises ValueError naming the file
     if model_path is not None:
         _check_model_dir(Path(model_path))
+        template, where = _dir_chat_template(Path(model_path))
     elif not (Keys.Tokenizer.HF_JSON in model.metadata or Keys.Tokenizer.LIST in model.metadata):
         raise StartupError(f"--gguf_path {source}: holds no tokenizer (no {Keys.Tokenizer.LIST} metadata); "
                            f"pass --model_path DIR with the model's {TOKENIZER_FILE}")
+    else:
+        template, where = model.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE), f"--gguf_path {source}"
+    check_template_syntax(template, where)
     return model
+
+
+def _dir_chat_template(path: Path) -> tuple[str | None, str]:
+    """The chat template a model directory gives the tokenizer: chat_template.jinja, else tokenizer_config.json's."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8", errors="replace"), f"--model_path {jinja}"
+    config = path / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None, str(config)   # the tokenizer load reports a missing or broken file
+    if isinstance(template, list):   # named templates: the default one is used for chat
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return (template if isinstance(template, str) else None), f"--model_path {config}"
+
+
+def check_template_syntax(template: str | None, where: str) -> None:
+    """Compile the chat template as transformers does (sandboxed jinja2), in milliseconds, before the load."""
+    if not template:
+        return   # no template: chat requests get a clear error, raw completions still work
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    try:
+        env.parse(template)
+    except TemplateSyntaxError as err:
+        if "'generation'" in str(err):   # transformers' own {% generation %} tag: fine there
+            return
+        raise StartupError(f"{where}: the chat template does not compile (TemplateSyntaxError: {err.message} "
+                           f"at template line {err.lineno})") from None
 
 
 def _check_model_dir(path: Path) -> None:
