@@ -75,7 +75,7 @@ def exact_greedy_accuracy(loaded, cases) -> tuple[float, list]:
             prompt = build_prompt_ids(tokenizer, messages)
             target = tokenizer.encode(reply(problem), add_special_tokens=False) + [eos]
             ids = torch.tensor([prompt + target])
-            logits = loaded.model(ids[:, :-1], 0)[0, len(prompt) - 1:]
+            logits = loaded.model(ids[:, :-1], 0)[0, len(prompt) - 1:].cpu()
             if not torch.equal(logits.argmax(-1), ids[0, len(prompt):]):
                 failures.append(problem)
     return 1 - len(failures) / len(cases), failures
