@@ -50,6 +50,11 @@ def check_sampling(sampling: dict[str, Any]) -> None:
         raise APIError(400, str(exc), param=name, code="invalid_value") from None
 
 
+def queue_full(exc: QueueFull, settings: ServerSettings) -> APIError:
+    return APIError(503, f"Server busy: {exc}; retry later", error_type="server_overloaded",
+                    code="queue_full", headers={"Retry-After": str(settings.retry_after_s)})
+
+
 def prompt_chars(gen: GenerationRequest) -> int:
     if gen.messages is not None:
         return sum(len(m["content"]) for m in gen.messages)
@@ -87,8 +92,7 @@ class RunningJob:
         try:
             self._job = engine.submit(gen)
         except QueueFull as exc:
-            raise APIError(503, f"Server busy: {exc}; retry later", error_type="server_overloaded",
-                           code="queue_full", headers={"Retry-After": str(settings.retry_after_s)}) from None
+            raise queue_full(exc, settings) from None
         except EngineStopped as exc:
             raise generation_error(exc) from None
         self._events = self._job.events(ping_s=settings.stream_ping_s if ping else None,
@@ -153,6 +157,8 @@ def start_job(engine: Engine, gen: GenerationRequest, settings: ServerSettings, 
     check_prompt_size(gen, settings)
     if engine.stopping:
         raise generation_error(EngineStopped("the server is shutting down"))
+    if engine.waiting >= engine.queue_size:   # no tokenizing for a request that cannot queue anyway
+        raise queue_full(QueueFull(f"{engine.queue_size} requests are already waiting"), settings)
     prepare(engine, gen)
     return RunningJob(engine, gen, settings, ping)
 
