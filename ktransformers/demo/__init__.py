@@ -7,7 +7,7 @@
 Ask it "What is 4821 plus 367?": the reasoning works digit by digit, the answer is
 "4821 + 367 = 5188". `model_dir` holds config.json, generation_config.json and the tokenizer
 files; the GGUF files sit beside them. ktransformers/tools/demo_model/ rebuilds everything
-(train.py, export.py, quantize.py; see its README).
+(train.py, then build.py = export.py + quantize.py; see docs/DEVELOPING.md).
 """
 
 from __future__ import annotations
