@@ -63,16 +63,18 @@ def quantize(f32_gguf: Path, out: Path, bin_dir: Path) -> list[Path]:
     calibration = out / "calibration.txt"
     imatrix = out / "imatrix.gguf"
     calibration.write_text(calibration_text())
-    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32_gguf), "-f", str(calibration), "-o", str(imatrix),
-                    "-c", "512", "-t", "2", "--parse-special", "--seed", "0"], check=True)
+    # run in `out` with relative names: llama-quantize records the imatrix and dataset paths in the file
+    f32_gguf, bin_dir = Path(f32_gguf).resolve(), Path(bin_dir).resolve()
+    subprocess.run([str(bin_dir / "llama-imatrix"), "-m", str(f32_gguf), "-f", calibration.name, "-o", imatrix.name,
+                    "-c", "512", "-t", "2", "--parse-special", "--seed", "0"], check=True, cwd=out)
     written = []
     for variant, overrides in (("q4_k_m", []), ("ud-iq1_s", UD_IQ1_S_TYPES)):
         target = out / f"demo-{variant}.gguf"
-        command = [str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix),
+        command = [str(bin_dir / "llama-quantize"), "--imatrix", imatrix.name,
                    "--override-kv", f"general.name=str:ktransformers-demo-{variant}"]
         for override in overrides:
             command += ["--tensor-type", override]
-        subprocess.run(command + [str(f32_gguf), str(target), "Q4_K_M", "2"], check=True)
+        subprocess.run(command + [str(f32_gguf), target.name, "Q4_K_M", "2"], check=True, cwd=out)
         written.append(target)
     calibration.unlink()
     imatrix.unlink()
