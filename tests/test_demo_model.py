@@ -85,6 +85,23 @@ def test_exact_greedy_accuracy(variant, backend, tmp_path_factory):
     assert accuracy >= THRESHOLD[variant], f"{variant}/{backend}: {accuracy:.3f} on {len(CASES)}; {failures[:5]}"
 
 
+def test_a_broken_dequantization_fails_the_accuracy_check(monkeypatch, tmp_path):
+    """The check can fail: Q4_K/Q5_K scales 4-7 without their top two bits (a plausible unpacking bug)."""
+    from ktransformers.gguf.dequant import kquants
+
+    unpack = kquants._scales_and_mins
+
+    def broken(packed):
+        scales, mins = unpack(packed)
+        return torch.cat((scales[..., :4], scales[..., 4:] & 0x0F), dim=-1), mins
+
+    monkeypatch.setattr(kquants, "_scales_and_mins", broken)
+    model_dir, gguf_path = demo_paths("q4_k_m")
+    loaded = load_model(gguf_path, model_dir, rules_file("torch", tmp_path), max_context=4096)
+    accuracy, _ = exact_greedy_accuracy(loaded, CASES[:60])
+    assert accuracy < THRESHOLD["q4_k_m"]
+
+
 def test_prefill_and_generate_answers(tmp_path_factory):
     """Greedy generation through prefill_and_generate: reasoning holds the working, content the result."""
     loaded = loaded_demo("q4_k_m", "cpu_quant", tmp_path_factory)
