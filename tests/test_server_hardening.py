@@ -114,10 +114,12 @@ def test_loopback_server_refuses_foreign_host_headers(host, allowed):
 def test_lan_server_accepts_any_host_unless_restricted():
     with scripted_server(settings=ServerSettings(model_name="m", loopback_only=False)) as srv:
         assert b" 200 " in raw_request(srv.url, "GET /health HTTP/1.1\nHost: 192.168.1.5:10002\n")[:20]
-    settings = ServerSettings(model_name="m", loopback_only=False, allowed_hosts=("gpu-box",))
+    settings = ServerSettings(model_name="m", loopback_only=False, allowed_hosts=("gpu-box", "Proxy.example:443"))
     with scripted_server(settings=settings) as srv:
         assert b" 403 " in raw_request(srv.url, "GET /health HTTP/1.1\nHost: evil.example\n")[:20]
         assert b" 200 " in raw_request(srv.url, "GET /health HTTP/1.1\nHost: gpu-box:10002\n")[:20]
+        assert b" 200 " in raw_request(srv.url, "GET /health HTTP/1.1\nHost: proxy.example\n")[:20]
+        assert b" 200 " in raw_request(srv.url, "GET /health HTTP/1.1\nHost: 127.0.0.1\n")[:20]
 
 
 # ---------------------------------------------------------------- 2. bounded work per request

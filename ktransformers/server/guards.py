@@ -52,7 +52,7 @@ def host_allowed(header: str | None, settings: ServerSettings) -> bool:
     if header is None or not (settings.loopback_only or settings.allowed_hosts):
         return True   # HTTP/1.0 without Host cannot come from a browser; a LAN server takes any name
     name = host_name(header)
-    allowed = {h.lower() for h in settings.allowed_hosts}
+    allowed = {host_name(h) for h in settings.allowed_hosts}   # a port given with a name is ignored
     return "*" in allowed or name in allowed or is_loopback(name)
 
 
