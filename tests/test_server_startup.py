@@ -140,3 +140,28 @@ def test_settings_refuse_an_empty_key_too():
     with pytest.raises(ValueError, match="api_key is empty"):
         ServerSettings(api_key="")
     assert ServerSettings(api_key=None).api_key is None
+
+
+# ---------------------------------------------------------------- the hardening options themselves
+
+def test_hardening_options_parse():
+    from ktransformers.server.guards import is_loopback_bind
+
+    args = chat_openai.parse_args(["--demo", "--cors_origins", "http://localhost:3000, https://chat.example",
+                                   "--allowed_hosts", "gpu-box,proxy.example", "--max_connections", "50",
+                                   "--idle_timeout", "20", "--shutdown_grace", "0"])
+    assert args.cors_origins == ("http://localhost:3000", "https://chat.example")
+    assert args.allowed_hosts == ("gpu-box", "proxy.example")
+    assert (args.max_connections, args.idle_timeout, args.shutdown_grace) == (50, 20, 0)
+    defaults = chat_openai.parse_args(["--demo"])
+    assert defaults.cors_origins == () and defaults.allowed_hosts == ()
+    assert [is_loopback_bind(h) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0", "192.168.1.5", "::")] == \
+           [True, True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("option, value", [("--max_connections", "0"), ("--idle_timeout", "0"),
+                                           ("--shutdown_grace", "-1")])
+def test_hardening_options_are_range_checked(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat_openai.parse_args(["--demo", option, value])
+    assert exc.value.code == 2 and option in capsys.readouterr().err
