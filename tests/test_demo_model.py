@@ -82,6 +82,7 @@ def test_export_matches_transformers(tmp_path):
 def test_exact_greedy_accuracy(variant, backend, tmp_path_factory):
     loaded = loaded_demo(variant, backend, tmp_path_factory)
     accuracy, failures = exact_greedy_accuracy(loaded, CASES)
+    print(f"\n{variant}/{backend}: exact greedy {accuracy:.4f} on {len(CASES)}")
     assert accuracy >= THRESHOLD[variant], f"{variant}/{backend}: {accuracy:.3f} on {len(CASES)}; {failures[:5]}"
 
 
@@ -107,6 +108,7 @@ def test_prefill_and_generate_answers(tmp_path_factory):
     loaded = loaded_demo("q4_k_m", "cpu_quant", tmp_path_factory)
     cases = CASES[:GENERATE_N]
     accuracy, failures = generate_accuracy(loaded, cases)
+    print(f"\nq4_k_m/cpu_quant prefill_and_generate: {accuracy:.4f} on {len(cases)}")
     assert accuracy >= THRESHOLD["q4_k_m"], f"{accuracy:.3f} on {len(cases)}; {failures[:3]}"
 
 
@@ -153,6 +155,7 @@ def test_server_answers_with_openai_sdk(demo_server):
         reasoning, content = ask(demo_server, messages, stream=bool(i % 2))
         if not check_reply(problem, reasoning, content):
             wrong.append((problem, reasoning[-60:], content))
+    print(f"\nq4_k_m server + openai SDK: {1 - len(wrong) / len(cases):.4f} on {len(cases)}")
     assert 1 - len(wrong) / len(cases) >= THRESHOLD["q4_k_m"], f"{len(wrong)} of {len(cases)} wrong: {wrong[:3]}"
 
 
