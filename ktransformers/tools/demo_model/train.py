@@ -1,6 +1,10 @@
 """Train the demo model with Hugging Face transformers' DeepseekV3ForCausalLM (not our implementation).
 
-    python -m ktransformers.tools.demo_model.train --out DIR [--steps 4000] [--device cuda] [--seed 0]
+    python -m ktransformers.tools.demo_model.train --out DIR --steps 1510 [--device cuda] [--seed 0] [--workers 10]
+
+The shipped model is `--steps 1510 --workers 10` on one H200 (162 s; see ktransformers/demo/model/
+train_log.json). `--steps 0` picks the step count that fills `--time-budget` seconds. A CPU runs it
+too, about a hundred times slower. Then `python -m ktransformers.tools.demo_model.build --train-dir DIR`.
 
 Writes DIR/config.json, generation_config.json, tokenizer.json, tokenizer_config.json and the
 trained float32 weights (HF parameter names) as DIR/weights-*.pt, in two parts that each stay
