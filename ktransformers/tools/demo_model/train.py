@@ -4,7 +4,7 @@
 
 The shipped model is `--steps 1510 --workers 10` on one H200 (162 s; see ktransformers/demo/model/
 train_log.json). `--steps 0` picks the step count that fills `--time-budget` seconds. A CPU runs it
-too, about a hundred times slower. Then `python -m ktransformers.tools.demo_model.build --train-dir DIR`.
+too, in hours instead of minutes. Then `python -m ktransformers.tools.demo_model.build --train-dir DIR`.
 
 Writes DIR/config.json, generation_config.json, tokenizer.json, tokenizer_config.json and the
 trained float32 weights (HF parameter names) as DIR/weights-*.pt, in two parts that each stay
