@@ -233,6 +233,19 @@ def test_tiny_temperature_decodes_greedily_instead_of_nan(backend):
         assert r.json()["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize("body, boosted", [({"repetition_penalty": 1e-40}, True), ({"repetition_penalty": 5e-324}, True),
+                                           ({"repetition_penalty": 1e300}, False),
+                                           ({"repetition_penalty": 1e300, "temperature": 1e-6}, False)])
+def test_extreme_penalties_never_sample_outside_the_vocabulary(backend, body, boosted):
+    """A penalty that overflows the scores to inf/NaN must still pick a token of the vocabulary."""
+    url, _, _ = backend
+    greedy = requests.post(url + "/v1/chat/completions", json={**CHAT, "temperature": 0}, timeout=30).json()
+    r = requests.post(url + "/v1/chat/completions", json={**CHAT, "temperature": 0.7, "seed": 1, **body}, timeout=30)
+    assert r.status_code == 200, r.text
+    if boosted:   # the seen token, boosted to infinity, keeps being chosen
+        assert r.json()["choices"][0]["message"] == greedy["choices"][0]["message"]
+
+
 @pytest.mark.parametrize("seed, ok", [(2 ** 64, False), (2 ** 63, False), (-(2 ** 63) - 1, False),
                                       (2 ** 63 - 1, True), (-(2 ** 63), True)])
 def test_seed_is_range_checked_before_the_stream_starts(backend, seed, ok):

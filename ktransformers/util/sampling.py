@@ -105,9 +105,10 @@ class Sampler:
                                   device=scores.device)
             scores[ids] -= p.frequency_penalty * counts + p.presence_penalty
         if p.greedy:
-            return scores
+            return _finite(scores)
         if p.temperature != 1.0:
             scores = scores / p.temperature
+        scores = _finite(scores)
         if p.top_k:
             scores = keep_top_k(scores, p.top_k)
         if p.top_p < 1.0:
@@ -127,7 +128,7 @@ class Sampler:
             cdf = torch.cumsum(torch.softmax(scores, dim=-1), dim=-1)
             uniform = torch.rand(1, generator=self._generator_for(scores), device=cdf.device)
             x = (uniform * cdf[-1]).clamp_min(torch.finfo(cdf.dtype).tiny)
-            token = int(torch.searchsorted(cdf, x))
+            token = min(int(torch.searchsorted(cdf, x)), scores.shape[-1] - 1)   # never past the vocabulary
         self._seen[token] = None
         self._generated[token] += 1
         return token
@@ -137,6 +138,13 @@ class Sampler:
             seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
             self._generator = torch.Generator(device=scores.device).manual_seed(seed)
         return self._generator
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """Overflowed scores (a tiny repetition penalty or temperature divides them into inf) become the
+    largest float, so softmax stays a distribution over the vocabulary instead of NaN."""
+    big = torch.finfo(scores.dtype).max
+    return torch.nan_to_num(scores, nan=-math.inf, posinf=big, neginf=-math.inf)
 
 
 def keep_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
