@@ -337,6 +337,8 @@ def documented(doc: dict, path: str, method: str = "post") -> Draft202012Validat
 REFUSED = [   # (path, body): bodies the server refuses with 400; the document must refuse them too
     ("/v1/chat/completions", {**CHAT, "stop": ""}),
     ("/v1/chat/completions", {**CHAT, "stop": ["a", ""]}),
+    ("/v1/chat/completions", {**CHAT, "stop": "x" * 1025}),
+    ("/v1/chat/completions", {**CHAT, "stop": [str(i) for i in range(17)]}),
     ("/v1/chat/completions", {**CHAT, "n": 2}),
     ("/v1/chat/completions", {**CHAT, "top_p": 0}),
     ("/v1/chat/completions", {**CHAT, "seed": 2 ** 64}),

@@ -18,7 +18,9 @@ ReasoningFormat = Literal["deepseek", "think_tags"]
 
 # Every limit the server enforces is stated here, so /openapi.json tells clients (and fuzzers) the truth.
 NonEmpty = Annotated[str, Field(min_length=1)]
-StopStrings = NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)]
+# Stop strings are matched after every token on the model's worker: bounded in number and length.
+StopString = Annotated[str, Field(min_length=1, max_length=1024)]
+StopStrings = StopString | Annotated[list[StopString], Field(max_length=16)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1, description="A signed 64-bit integer")]
 TEMPERATURE_NOTE = f"0 (or below {GREEDY_BELOW:g}) decodes greedily"
 
@@ -81,7 +83,7 @@ class OllamaOptions(_Request):
     top_k: int | None = Field(None, ge=0)
     seed: Seed | None = None
     num_predict: int | None = Field(None, description="-1 or absent: the server default")
-    stop: Annotated[list[NonEmpty], Field(max_length=16)] | None = Field(None, description="Non-empty strings")
+    stop: Annotated[list[StopString], Field(max_length=16)] | None = Field(None, description="Non-empty strings")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repeat_penalty: float | None = Field(None, gt=0)
