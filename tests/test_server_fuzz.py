@@ -57,13 +57,20 @@ def demo(tmp_path_factory):
             if line.startswith("Serving"):
                 ready.set()
     threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(180):
+        proc.kill()
+        proc.wait(30)
+        raise AssertionError("demo server did not start:\n" + "".join(output))
     try:
-        if not ready.wait(180):
-            raise AssertionError("demo server did not start:\n" + "".join(output))
         yield {"url": f"http://127.0.0.1:{port}", "deadline": time.monotonic() + FUZZ_BUDGET_S, "warned": False}
     finally:
-        proc.terminate()
-        assert proc.wait(30) == 0, "".join(output[-30:])
+        proc.terminate()   # SIGTERM: the graceful stop, which must end in exit status 0
+        try:
+            status = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = proc.wait(30)
+    assert status == 0, "".join(output[-30:])
     assert "Traceback" not in "".join(output), "".join(output)
 
 
