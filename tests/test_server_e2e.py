@@ -57,7 +57,7 @@ class Recorded:
 
 @pytest.fixture(scope="module")
 def served(loaded):
-    recorded = Recorded(model_generate_fn(loaded))
+    recorded = Recorded(model_generate_fn(loaded, cache_tokens=0))   # no prefix reuse: usage counts every prompt token
     engine = Engine(recorded, queue_size=2)
     settings = ServerSettings(model_name="tiny", max_new_tokens=6, max_context=loaded.model.max_context)
     with BackgroundServer(create_app(engine, settings), queue_size=2) as url:
