@@ -18,18 +18,10 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
-from ktransformers.server.testing import scripted_server
+from ktransformers.server.testing import scripted_server, wait_for
 from ktransformers.server.wsgi import BackgroundServer
 
 CHAT = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "say hi"}]}
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def raw_request(url: str, head: str, body: bytes = b"", timeout: float = 5.0) -> bytes:

@@ -14,7 +14,7 @@ import requests
 
 from ktransformers.server.app import create_app
 from ktransformers.server.settings import ServerSettings
-from ktransformers.server.testing import scripted_server
+from ktransformers.server.testing import scripted_server, wait_for
 
 
 def open_stream(url: str, path: str, body: dict) -> socket.socket:
@@ -35,14 +35,6 @@ def read_until(sock: socket.socket, needle: bytes, received: bytearray, timeout:
         if not chunk:
             raise AssertionError(f"connection closed before {needle!r}; got {bytes(received)!r}")
         received += chunk
-
-
-def wait_for(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def chat_body(tag: str, max_tokens: int = 6, stream: bool = True) -> dict:

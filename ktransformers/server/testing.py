@@ -100,6 +100,15 @@ class ScriptedServer:
     settings: ServerSettings
 
 
+def wait_for(condition, timeout: float = 5.0) -> None:
+    """Poll `condition()` until it is true; AssertionError after `timeout` seconds (for tests)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
 @contextmanager
 def scripted_server(settings: ServerSettings | None = None, queue_size: int = 4, **generator_options):
     """The real app and waitress, in a background thread, around a ScriptedGenerator."""
