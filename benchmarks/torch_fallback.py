@@ -25,23 +25,9 @@ from ktransformers.gguf import GGMLType, QuantTensor, random_quant_bytes
 from ktransformers.operators.experts import DequantOnUseExperts
 from ktransformers.operators.linear import TorchLinear
 
+from cpu_kernels import best_time, measure_bandwidth  # this folder: the same timing and bandwidth probe
+
 HIDDEN, MOE_INTERMEDIATE, TOP_K = 7168, 2048, 8
-
-
-def best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def bandwidth_gbs(size_mb=1024):
-    buf = torch.ones(size_mb << 20, dtype=torch.uint8)
-    mod = kernels.require()
-    mod.stream_sum(buf.numpy())
-    return buf.numel() / best_time(lambda: mod.stream_sum(buf.numpy()), 5) / 1e9
 
 
 def quant(name, ggml_type, shape, rng):
@@ -54,7 +40,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    bw = bandwidth_gbs()
+    bw = measure_bandwidth(512)[0] / 1e9
     print(f"kernel table {kernels.cpu_features()['isa']}, {kernels.num_threads()} threads, "
           f"torch {torch.get_num_threads()} threads; measured read bandwidth {bw:.1f} GB/s")
 
