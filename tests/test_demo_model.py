@@ -17,10 +17,6 @@ KT_DEMO_GENERATE_N (default 100 per generation path, 200 in all) sets how many q
 """
 
 import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import openai
 import pytest
@@ -28,11 +24,11 @@ import torch
 
 from ktransformers.demo import VARIANTS, demo_model_name, demo_paths
 from ktransformers.models.loader import load_model
+from ktransformers.server.testing import chat_openai_process
 from ktransformers.tools.demo_model.evaluate import (check_reply, exact_greedy_accuracy, generate_accuracy,
                                                       rules_file)
 from ktransformers.tools.demo_model.task import held_out_cases, held_out_problems, parse_answer
 
-REPO = Path(__file__).resolve().parents[1]
 N_HELD_OUT = 240
 GENERATE_N = int(os.environ.get("KT_DEMO_GENERATE_N", "100"))
 THRESHOLD = {"bf16": 0.97, "q8_0": 0.95, "q4_k_m": 0.95, "iq1_s": 0.95}
@@ -115,21 +111,8 @@ def test_prefill_and_generate_answers(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_server():
     """`python chat_openai.py --demo` (q4_k_m, default placement) on a free port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(REPO / "chat_openai.py"), "--demo", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        banner = ""
-        while "Serving" not in banner:
-            line = proc.stdout.readline()
-            assert line, f"server exited early:\n{banner}"
-            banner += line
+    with chat_openai_process("--demo") as (port, _):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def ask(client, messages, stream: bool) -> tuple[str, str]:

@@ -3,10 +3,7 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import ollama
 import openai
@@ -18,6 +15,7 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
+from ktransformers.server.testing import chat_openai_process
 from ktransformers.server.wsgi import BackgroundServer
 from ktransformers.util.chat import build_prompt_ids
 from ktransformers.util.events import FinishEvent, TokenEvent
@@ -25,7 +23,6 @@ from ktransformers.util.sampling import SamplingParams
 from ktransformers.util.utils import prefill_and_generate
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Tell me a story"}]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -135,24 +132,11 @@ def test_disconnect_mid_stream_frees_the_engine(served):
 
 
 def test_cli_demo_serves_the_tiny_model(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**os.environ, "KTRANSFORMERS_CACHE": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "chat_openai.py"), "--demo", "--port", str(port),
-                             "--api_key", "k"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        banner = ""
-        while "Serving" not in banner:
-            line = proc.stdout.readline()
-            assert line, f"server exited early:\n{banner}"
-            banner += line
+    with chat_openai_process("--demo", "--api_key", "k", env=env) as (port, banner):
         assert f"http://127.0.0.1:{port}/v1" in banner
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["ktransformers-demo-q4_k_m"]
         reply = client.chat.completions.create(model="ktransformers-demo-q4_k_m", max_tokens=2,
                                                messages=[{"role": "user", "content": "hi"}])
         assert reply.usage.completion_tokens == 2
-    finally:
-        proc.terminate()
-        proc.wait(10)

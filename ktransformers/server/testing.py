@@ -8,11 +8,15 @@ and records what happened (requests seen, generators closed early).
 from __future__ import annotations
 
 import itertools
+import socket
+import subprocess
+import sys
 import threading
 import time
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine, GenerationRequest, PromptAccepted
@@ -110,6 +114,28 @@ def wait_for(condition, timeout: float = 5.0) -> None:
 
 
 @contextmanager
+def chat_openai_process(*args: str, env: dict | None = None):
+    """`python chat_openai.py ARGS --port P` on a free loopback port, for tests: yields (port, banner)
+    once its "Serving" line is out (AssertionError with its output if it exits first), then stops it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(__file__).resolve().parents[2] / "chat_openai.py"
+    proc = subprocess.Popen([sys.executable, str(script), *args, "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = ""
+        while "Serving" not in banner:
+            line = proc.stdout.readline()
+            assert line, f"server exited early:\n{banner}"
+            banner += line
+        yield port, banner
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
 def scripted_server(settings: ServerSettings | None = None, queue_size: int = 4, **generator_options):
     """The real app and waitress, in a background thread, around a ScriptedGenerator."""
     generator = ScriptedGenerator(**generator_options)
@@ -147,6 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())
