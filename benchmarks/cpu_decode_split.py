@@ -56,12 +56,14 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--override", action="append", default=[], metavar="KEY=INT")
+    parser.add_argument("--fused-kv-b", action="store_true", help="one attn_kv_b (older files) instead of attn_k_b + attn_v_b")
     args = parser.parse_args(argv)
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.override)}
 
     bandwidth = memory_bandwidth(256 if overrides else 1024)
     model, small, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.mix, False,
-                                                  args.context + args.steps + 8, **overrides)
+                                                  args.context + args.steps + 8, kv_b_split=not args.fused_kv_b,
+                                                  **overrides)
     model(torch.randint(0, small["vocab_size"], (1, args.context)), 0)
 
     timed = {name: m for name, m in model.named_modules()

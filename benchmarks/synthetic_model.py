@@ -1,7 +1,8 @@
-"""A DeepSeek-V3 model with the real widths and a few layers, built in memory from random valid blocks.
+"""A DeepSeek-V3 model with the real widths and a few layers, from random valid blocks: built in
+memory (`build_model`) or written as a GGUF file that llama.cpp loads too (`write_gguf`).
 
-No GGUF file is written: the tensors are QuantTensors over numpy buffers, handed to the models
-package's ModuleFactory through a small in-memory stand-in for `open_gguf`'s result. Tensor names,
+In memory, the tensors are QuantTensors over numpy buffers, handed to the models package's
+ModuleFactory through a small in-memory stand-in for `open_gguf`'s result. Tensor names,
 shapes and per-tensor ggml types come from ktransformers.tools.tiny_weights (llama.cpp's Q4_K_M
 and Unsloth's UD-IQ1_S recipes), evaluated for the layer of the 61-layer model each synthetic
 layer stands for. Big tensors are one random base of blocks repeated (speed does not depend on
@@ -82,20 +83,30 @@ def synthetic_config(n_dense: int, n_moe: int, **overrides) -> tuple[dict, dict]
     return small, full
 
 
-def build_tensors(small: dict, full: dict, mix: str, seed: int = 0) -> dict[str, QuantTensor]:
-    rng = np.random.default_rng(seed)
+def planned_types(small: dict, full: dict, mix: str, kv_b_split: bool = False):
+    """(spec, ggml type) of every tensor in file order; a layer's types are those of the full-model layer it stands for."""
     n_dense = small["first_k_dense_replace"]
-    tensors = {}
-    for spec in tensor_plan(small):
+    for spec in tensor_plan(small, kv_b_split):
         as_full = spec if spec.layer is None else dataclasses.replace(spec, layer=real_layer(spec.layer, n_dense, full))
-        ggml_type = choose_type(as_full, mix, full)
+        yield spec, choose_type(as_full, mix, full)
+
+
+def tensor_stream(small: dict, full: dict, mix: str, seed: int = 0, kv_b_split: bool = False):
+    """(spec, ggml type, raw bytes) of every tensor in file order, one at a time (a GGUF writer
+    holds one in memory). kv_b_split: attn_k_b + attn_v_b (today's llama.cpp files) instead of attn_kv_b."""
+    rng = np.random.default_rng(seed)
+    for spec, ggml_type in planned_types(small, full, mix, kv_b_split):
         if spec.is_vector or ggml_type == GGMLType.F32:  # norms, router, routing bias: small, real values
             data = np.ascontiguousarray(tensor_values(spec, ggml_type, seed)).view(np.uint8).reshape(-1)
         else:
             rows = int(np.prod(spec.shape[:-1]))
             data = repeated_blocks(ggml_type, rows, spec.shape[-1], rng)
-        tensors[spec.name] = QuantTensor(spec.name, ggml_type, tuple(spec.shape), data)
-    return tensors
+        yield spec, ggml_type, data
+
+
+def build_tensors(small: dict, full: dict, mix: str, seed: int = 0, kv_b_split: bool = False) -> dict[str, QuantTensor]:
+    return {spec.name: QuantTensor(spec.name, ggml_type, tuple(spec.shape), data)
+            for spec, ggml_type, data in tensor_stream(small, full, mix, seed, kv_b_split)}
 
 
 def routed_matrices_per_token(full: dict, mix: str) -> dict[tuple, int]:
@@ -116,12 +127,39 @@ def routed_bytes_per_token(full: dict, mix: str) -> int:
 
 
 def build_model(n_dense: int, n_moe: int, mix: str, cuda: bool, max_context: int = 4096, seed: int = 0,
-                **overrides):
+                kv_b_split: bool = False, **overrides):
     """(DeepseekV3ForCausalLM placed by the GPU or CPU rules, synthetic config dict, full config dict)."""
     small, full = synthetic_config(n_dense, n_moe, **overrides)
     cfg = config_from_hf_dict(small, "synthetic config")
-    tensors = build_tensors(small, full, mix, seed)
+    tensors = build_tensors(small, full, mix, seed, kv_b_split)
     rules = Rules.from_file(default_rules_path(cuda), cuda_device="cuda")
     factory = ModuleFactory(InMemoryGGUF(tensors, f"<synthetic {mix}>"), cfg, rules, dequantize)
     model = DeepseekV3ForCausalLM(cfg, factory, max_context).eval()
     return model, small, full
+
+
+def write_gguf(path, n_dense: int, n_moe: int, mix: str, seed: int = 0, **overrides) -> Path:
+    """A deepseek2 GGUF of the synthetic model with the tiny tokenizer's vocabulary (so embedding and
+    lm_head cost next to nothing and the layers dominate), streamed to disk one tensor at a time.
+    MLA's kv_b is split into attn_k_b / attn_v_b, as llama.cpp's converter writes DeepSeek-V3 today."""
+    import gguf
+
+    from ktransformers.tools.make_tiny_model import GGUF_ARCH, _add_model_metadata, _add_tokenizer_metadata
+    from ktransformers.tools.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    small, full = synthetic_config(n_dense, n_moe, **{**overrides, "vocab_size": tokenizer.vocab_size})
+    writer = gguf.GGUFWriter(path, GGUF_ARCH)
+    _add_model_metadata(writer, {**small, "scoring_func": "sigmoid"}, mix, kv_b_split=True)
+    _add_tokenizer_metadata(writer, tokenizer)
+    for spec, ggml_type in planned_types(small, full, mix, kv_b_split=True):  # the header: names, shapes, types
+        byte_shape = (*spec.shape[:-1], row_nbytes(ggml_type, spec.shape[-1]))
+        writer.add_tensor_info(spec.name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                               raw_dtype=gguf.GGMLQuantizationType(int(ggml_type)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, _, data in tensor_stream(small, full, mix, seed, kv_b_split=True):
+        writer.write_tensor_data(data)
+    writer.close()
+    return Path(path)

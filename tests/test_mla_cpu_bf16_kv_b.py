@@ -1,5 +1,6 @@
-"""A kv_b_proj rule may store the absorbed kv_b weights (W_UK/W_UV) in bfloat16 under float32 CPU
-attention and cache (an opt-in: half the bytes a decode step streams, at bfloat16-rounding accuracy).
+"""A kv_b_proj rule may store the float copy of W_UK that an older GGUF's fused attn_kv_b needs (the
+file stores it transposed; W_UV is read from the blocks in place) in bfloat16 under float32 CPU
+attention and cache (an opt-in: half the bytes of that copy, at bfloat16-rounding accuracy).
 
 Oracles: the same cpu_quant model with the shipped rules (float32 kv_b), and the torch float32
 reference path (the one tests/test_model_vs_hf.py checks against transformers)."""
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from ktransformers import kernels
+from ktransformers.gguf import GGMLType
 from ktransformers.models.loader import load_model
 from ktransformers.optimize import optimize
 
@@ -38,14 +40,14 @@ def models(tiny_model, tmp_path_factory):
             for rules in (bf16_kv_b, CPU_RULES, torch_rules)]
 
 
-def test_bfloat16_kv_b_rule_keeps_float32_attention_and_the_decode_layout(models):
+def test_bfloat16_kv_b_rule_keeps_float32_attention_and_w_uv_in_place(models):
     shipped, reference, _ = models
     for layer in shipped.model.layers:
         attn = layer.self_attn
-        assert attn.kv_b_proj.w_uk.dtype == attn.kv_b_proj.w_uv.dtype == torch.bfloat16
+        assert attn.kv_b_proj.w_uk.ggml_type == GGMLType.BF16
+        assert attn.kv_b_proj.w_uv.ggml_type not in (GGMLType.BF16, GGMLType.F32)  # the GGUF's blocks
         assert attn.dtype == attn.kv_cache.dtype == torch.float32
-        assert attn.kv_b_proj.w_uk.transpose(1, 2).is_contiguous()  # the decode layout survives the dtype
-    assert reference.model.layers[0].self_attn.kv_b_proj.w_uk.dtype == torch.float32
+    assert reference.model.layers[0].self_attn.kv_b_proj.w_uk.ggml_type == GGMLType.F32
 
 
 def test_bfloat16_kv_b_attention_matches_float32_within_rounding(models):

@@ -1,8 +1,8 @@
 """Native CPU kernels for GGUF-quantized weights (the `cpu_quant` backend's engine).
 
 The C++ extension `_cpu` (built by setup.py from csrc/) holds one dot kernel per ggml type and
-ISA, a persistent thread pool, a tiled quantized linear, a fused routed-experts forward and the
-per-head float matrix-vector products of CPU MLA decode (head_gemv).
+ISA, a persistent thread pool, a tiled quantized linear (and its per-head form, head_linear), a
+fused routed-experts forward and the one-token MLA attention of CPU decode (mla_decode_attention).
 Everything here takes CPU float32 torch tensors and raw uint8 weight tensors (zero-copy views of
 the GGUF memory map) and returns float32 CPU tensors.
 
@@ -190,7 +190,7 @@ def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     return out
 
 
-HEAD_GEMV_TYPES = {torch.float32: GGMLType.F32, torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16}
+FLOAT_WEIGHT_TYPES = {torch.float32: GGMLType.F32, torch.float16: GGMLType.F16, torch.bfloat16: GGMLType.BF16}
 
 
 def _describe(t) -> str:
@@ -200,29 +200,50 @@ def _describe(t) -> str:
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
-def head_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-head matrix-vector products on the kernel pool: out[h, n] = sum_k w[h, n, k] * x[h, k].
+def head_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, heads: int, out_features: int,
+                in_features: int, head_stride: int | None = None) -> torch.Tensor:
+    """Per-head linears on the kernel pool: out[h] = x[h] @ W_h^T, x float [H, M, K] -> float32 [H, M, N].
 
-    w: contiguous CPU [H, N, K] float32, float16 or bfloat16; x: CPU float32 [H, K]; float32 [H, N] out
-    (float32 accumulation). The absorbed W_UK/W_UV products of one-token MLA decode on the CPU.
+    weight_raw: CPU uint8 rows of `ggml_type` (raw GGUF blocks, or the bytes of a float tensor with
+    ggml_type F32/F16/BF16); W_h is `out_features` rows starting at byte h * head_stride (default:
+    the heads follow each other). MLA's absorbed W_UK / W_UV products on the CPU.
     """
     mod = require()
-    if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype not in HEAD_GEMV_TYPES or w.device.type != "cpu":
-        raise ValueError(f"head_gemv: w must be a CPU [H, N, K] tensor of {[str(t) for t in HEAD_GEMV_TYPES]}, "
-                         f"got {_describe(w)}")
-    if not w.is_contiguous():
-        raise ValueError(f"head_gemv: w {tuple(w.shape)} must be contiguous (each row w[h, n] is read as K "
-                         "consecutive values)")
-    H, N, K = w.shape
-    x_ok = isinstance(x, torch.Tensor) and tuple(x.shape) == (H, K) and x.dtype == torch.float32
-    if not x_ok or x.device.type != "cpu":
-        raise ValueError(f"head_gemv: x must be a CPU float32 tensor of shape {(H, K)} for w {tuple(w.shape)}, "
-                         f"got {_describe(x)}")
-    if w.numel() == 0:
-        return torch.zeros(H, N, dtype=torch.float32)
-    out = torch.empty(H, N, dtype=torch.float32)
-    mod.head_gemv(w.detach().view(torch.uint8).reshape(-1).numpy(), int(HEAD_GEMV_TYPES[w.dtype]), H, N, K,
-                  x.detach().contiguous().numpy(), out.numpy())
+    ggml_type = resolve_type(ggml_type)
+    if ggml_type not in (_supported or supported_types()):
+        raise ValueError(f"head_linear: ggml type {ggml_type.name} has no native kernel")
+    row_bytes = row_nbytes(ggml_type, in_features)
+    head_bytes = out_features * row_bytes
+    head_stride = head_bytes if head_stride is None else int(head_stride)
+    spanned_rows = (heads - 1) * head_stride // row_bytes + out_features
+    if head_stride == head_bytes:
+        _check_weight("weight", weight_raw, ggml_type, spanned_rows, in_features)
+    elif not (isinstance(weight_raw, torch.Tensor) and weight_raw.numel() >= spanned_rows * row_bytes):
+        raise ValueError(f"head_linear: {heads} heads of {out_features} rows, {head_stride} bytes apart, need "
+                         f"{spanned_rows * row_bytes} bytes of weight, got {_describe(weight_raw)}")
+    if x.dim() != 3 or x.shape[0] != heads or x.shape[2] != in_features:
+        raise ValueError(f"head_linear: x must be [{heads}, M, {in_features}], got {_describe(x)}")
+    x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty(heads, x.shape[1], out_features, dtype=torch.float32)
+    mod.head_linear(x.numpy(), x.shape[1], weight_raw.numpy(), int(ggml_type), heads, out_features, in_features,
+                    row_bytes, head_stride, out.numpy())
+    return out
+
+
+def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, value_dim: int, scale: float) -> torch.Tensor:
+    """One-token MLA attention on the kernel pool: q float32 [H, D], cache float32 rows [S, D] (the first
+    value_dim values of a row are its value) -> float32 [H, value_dim] = softmax(scale * q @ cache^T) @ cache[:, :value_dim]."""
+    mod = require()
+    ok = (isinstance(q, torch.Tensor) and isinstance(cache, torch.Tensor) and q.dim() == 2 and cache.dim() == 2
+          and q.shape[1] == cache.shape[1] and q.dtype == cache.dtype == torch.float32
+          and q.device.type == cache.device.type == "cpu" and 0 < value_dim <= q.shape[1] and cache.shape[0] > 0)
+    if not ok:
+        raise ValueError(f"mla_decode_attention: need CPU float32 q [H, D] and cache [S>0, D] with 0 < value_dim <= D, "
+                         f"got q {_describe(q)}, cache {_describe(cache)}, value_dim {value_dim}")
+    q, cache = q.contiguous(), cache.contiguous()
+    out = torch.empty(q.shape[0], value_dim, dtype=torch.float32)
+    mod.mla_decode_attention(q.numpy(), q.shape[0], cache.numpy(), cache.shape[0], q.shape[1], value_dim, float(scale),
+                             out.numpy())
     return out
 
 

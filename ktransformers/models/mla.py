@@ -22,34 +22,10 @@ from .rope import RopeTable
 MAX_SCORE_ELEMENTS = 1 << 26
 
 
-class AbsorbedKVB(nn.Module):
-    """kv_b_proj split per head: W_UK [H, nope, kv_lora] (keys) and W_UV [H, v, kv_lora] (values).
-
-    Stored in the kv_b_proj rule's dtype, which may differ from the attention's: a bfloat16 rule under
-    float32 CPU attention halves their 67 MB a layer (DeepSeek-V3) for bfloat16-rounded queries and
-    outputs. The shipped CPU rules keep float32: on a 16-core VM the decode step was no faster.
-    """
-
-    def __init__(self, w_uk: torch.Tensor, w_uv: torch.Tensor, device, dtype):
-        super().__init__()
-        w_uk, w_uv = w_uk.to(device=device, dtype=dtype), w_uv.to(device=device, dtype=dtype)
-        if w_uk.device.type == "cpu":
-            # The CPU multiplies weight @ vector per head (see MLAttention), which streams at memory
-            # bandwidth only when the reduced dimension is contiguous: W_UK's storage becomes
-            # [H, kv_lora, nope] (same [H, nope, kv_lora] view), W_UV stays [H, v, kv_lora].
-            w_uk, w_uv = w_uk.transpose(1, 2).contiguous().transpose(1, 2), w_uv.contiguous()
-        self.register_buffer("w_uk", w_uk)
-        self.register_buffer("w_uv", w_uv)
-
-    def extra_repr(self):
-        return f"w_uk={tuple(self.w_uk.shape)}, w_uv={tuple(self.w_uv.shape)}, dtype={self.w_uk.dtype}"
-
-
-def native_head_gemv(w: torch.Tensor, n_tokens: int) -> bool:
-    """One-token decode on the CPU multiplies per head on the native kernel pool (kernels.head_gemv):
-    torch.bmm there wakes torch's OpenMP threads, which contend with the pool that just ran the linears."""
-    return (n_tokens == 1 and w.device.type == "cpu" and w.dtype in kernels.HEAD_GEMV_TYPES and w.is_contiguous()
-            and kernels.available())
+def native_decode_attention(cache: torch.Tensor) -> bool:
+    """One-token attention over a float32 CPU cache runs on the native kernel pool: torch's matmuls
+    there would wake torch's OpenMP threads, which contend with the pool that just ran the linears."""
+    return cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
 
 
 class MLAttention(nn.Module):
@@ -100,25 +76,12 @@ class MLAttention(nn.Module):
         All heads share one latent key/value, so attention runs as a single head over H*T rows;
         head-major order lets the per-head matmuls use the weights without transposed copies.
         """
-        w_uk = self.kv_b_proj.w_uk
-        if native_head_gemv(w_uk.transpose(1, 2), q_nope.shape[0]):  # storage [H, kv_lora, nope]
-            q_latent = kernels.head_gemv(w_uk.transpose(1, 2), q_nope[0].float())[:, None]
-        elif w_uk.device.type == "cpu":  # weight on the left: a bandwidth-bound matrix-vector product at decode
-            q_latent = torch.bmm(w_uk.transpose(1, 2), q_nope.to(w_uk.dtype).permute(1, 2, 0)).transpose(1, 2)
-        else:
-            q_latent = torch.bmm(q_nope.to(w_uk.dtype).transpose(0, 1), w_uk)  # [H, T, kv_lora]
+        q_latent = self.kv_b_proj.absorb_query(q_nope)  # [H, T, kv_lora]
         rows = torch.cat([q_latent.to(self.dtype), q_rope.transpose(0, 1)], dim=-1)
         return rows.reshape(-1, self.kv_lora_rank + self.rope_dim)
 
     def _output(self, out_latent: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        w_uv = self.kv_b_proj.w_uv
-        out_latent = out_latent.view(self.n_heads, n_tokens, -1)
-        if native_head_gemv(w_uv, n_tokens):
-            out = kernels.head_gemv(w_uv, out_latent[:, 0].float())[None]  # [1, H, v]
-        elif w_uv.device.type == "cpu":  # weight on the left, as in _absorbed_query
-            out = torch.bmm(w_uv, out_latent.to(w_uv.dtype).transpose(1, 2)).permute(2, 0, 1)  # [T, H, v]
-        else:
-            out = torch.bmm(out_latent.to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)
+        out = self.kv_b_proj.expand_values(out_latent.view(self.n_heads, n_tokens, -1))  # [T, H, v]
         return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim).to(self.dtype))
 
     def _project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +118,8 @@ class MLAttention(nn.Module):
 
     def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
         """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""
+        if n_tokens == 1 and native_decode_attention(keys):
+            return kernels.mla_decode_attention(query, keys, self.kv_lora_rank, self.scale)
         n_keys = keys.shape[0]
         rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
         outputs = []

@@ -9,13 +9,15 @@ import re
 
 import torch
 
+from ktransformers import kernels
+from ktransformers.gguf import row_nbytes
 from ktransformers.operators.moe_gate import MoEGate
 from ktransformers.operators.registry import build_experts, build_linear
 
 from . import gguf_names
 from .config import DeepseekConfig
 from .layers import QuantEmbedding, RMSNorm
-from .mla import AbsorbedKVB
+from .absorbed_kv_b import AbsorbedKVB, HeadWeights, NativeAbsorbedKVB
 
 
 def expected_shapes(cfg: DeepseekConfig) -> dict[str, tuple]:
@@ -128,19 +130,34 @@ class ModuleFactory:
         return self._stamp(build_experts(p.backend, *stacks, p.device, p.dtype, **p.kwargs), p)
 
     def kv_b(self, module_name: str):
-        """Per-head W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora] from attn_kv_b or attn_k_b + attn_v_b."""
+        """Per-head W_UK [H, nope, kv_lora] and W_UV [H, v, kv_lora] from attn_kv_b or attn_k_b + attn_v_b:
+        read in place by the native kernels under a CPU cpu_quant rule (absorbed_kv_b.py), else float tensors."""
         p = self.placement(module_name)
         cfg = self.cfg
         fused = gguf_names.weight_name(module_name)
+        k_b_name, v_b_name = gguf_names.kv_b_split_names(module_name)
+        if fused not in self.gguf and k_b_name not in self.gguf:
+            raise ValueError(f"{self.source}: neither {fused!r} nor {k_b_name!r} + {v_b_name!r} "
+                             f"(weights of {module_name}) is present")
+        native = p.backend == "cpu_quant" and p.device.type == "cpu" and kernels.available()
         if fused in self.gguf:
-            kv_b = self.dense(fused, module_name, "self_attn.kv_b_proj")
+            kv_b_raw = self.tensor(fused, module_name, "self_attn.kv_b_proj")
+            kv_b = kv_b_raw.dequantize(torch.float32)
             kv_b = kv_b.view(cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.kv_lora_rank)
             w_uk, w_uv = kv_b.split([cfg.qk_nope_head_dim, cfg.v_head_dim], dim=1)
+            if native and kv_b_raw.ggml_type in kernels.supported_types():
+                # per head: nope rows of W_UK, then v rows of W_UV, each row kv_lora long
+                row_bytes = row_nbytes(kv_b_raw.ggml_type, cfg.kv_lora_rank)
+                uv = HeadWeights(torch.from_numpy(kv_b_raw.data[cfg.qk_nope_head_dim * row_bytes:]), kv_b_raw.ggml_type,
+                                 cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank,
+                                 head_stride=(cfg.qk_nope_head_dim + cfg.v_head_dim) * row_bytes)
+                uk = HeadWeights.from_float(w_uk.transpose(1, 2).to(p.dtype))  # W_UK's rows reduce over kv_lora here
+                return self._stamp(NativeAbsorbedKVB(uk, uv), p)
         else:
-            k_b_name, v_b_name = gguf_names.kv_b_split_names(module_name)
-            if k_b_name not in self.gguf:
-                raise ValueError(f"{self.source}: neither {fused!r} nor {k_b_name!r} + {v_b_name!r} "
-                                 f"(weights of {module_name}) is present")
-            w_uk = self.dense(k_b_name, module_name, "self_attn.k_b").transpose(1, 2)  # stored [H, kv_lora, nope]
-            w_uv = self.dense(v_b_name, module_name, "self_attn.v_b")
+            k_b = self.tensor(k_b_name, module_name, "self_attn.k_b")  # [H, kv_lora, nope]
+            v_b = self.tensor(v_b_name, module_name, "self_attn.v_b")  # [H, v, kv_lora]
+            if native and {k_b.ggml_type, v_b.ggml_type} <= set(kernels.supported_types()):
+                uk, uv = (HeadWeights(torch.from_numpy(t.data), t.ggml_type, *t.shape) for t in (k_b, v_b))
+                return self._stamp(NativeAbsorbedKVB(uk, uv), p)
+            w_uk, w_uv = k_b.dequantize(torch.float32).transpose(1, 2), v_b.dequantize(torch.float32)
         return self._stamp(AbsorbedKVB(w_uk, w_uv, p.device, p.dtype), p)

@@ -91,18 +91,33 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
     kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
 }
 
-void head_gemv(py::buffer w, int type, int64_t H, int64_t N, int64_t K, py::buffer x, py::buffer out) {
-    const kt::KernelSet& k = kernels_or_throw();
-    if (!kt::is_float_type(type) || !k.float_dot[type])
-        throw py::value_error("w: head_gemv needs F32, F16 or BF16 weights, got ggml type " + std::to_string(type));
-    if (H <= 0 || N <= 0 || K <= 0)
-        throw py::value_error("head_gemv: empty shape [" + std::to_string(H) + ", " + std::to_string(N) + ", " +
-                              std::to_string(K) + "]");
-    const uint8_t* wp = buffer_ptr<uint8_t>(w, "w", H * N * K * (type == 0 ? 4 : 2));
-    const float* xp = buffer_ptr<float>(x, "x", H * K);
-    float* op = buffer_ptr<float>(out, "out", H * N, true);
+// Per-head linears: head h reads N rows of K at byte offset h * head_stride of w.
+void head_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t heads, int64_t N, int64_t K, int64_t row_bytes,
+                 int64_t head_stride, py::buffer out) {
+    if (heads <= 0 || row_bytes <= 0 || head_stride < N * row_bytes || head_stride % row_bytes)
+        throw py::value_error("head_linear: " + std::to_string(heads) + " heads must start whole rows apart without "
+                              "overlapping: head_stride " + std::to_string(head_stride) + " bytes, a head holds " +
+                              std::to_string(N) + " rows of " + std::to_string(row_bytes) + " bytes");
+    kt::QuantMatrix wm = matrix(w, "weight", type, (heads - 1) * head_stride / row_bytes + N, K, row_bytes);
+    wm.rows = N;  // head 0; the others follow head_stride bytes apart
+    const float* xp = buffer_ptr<float>(x, "x", heads * M * K);
+    float* op = buffer_ptr<float>(out, "out", heads * M * N, true);
+    if (M <= 0) return;
     py::gil_scoped_release release;
-    kt::head_gemv(wp, type, H, N, K, xp, op);
+    kt::head_linear(xp, M, wm, heads, head_stride, op);
+}
+
+void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, int64_t D, int64_t V, float scale,
+                          py::buffer out) {
+    kernels_or_throw();
+    if (H <= 0 || S <= 0 || D <= 0 || V <= 0 || V > D)
+        throw py::value_error("mla_decode_attention: need H, S, D > 0 and 0 < V <= D, got H=" + std::to_string(H) +
+                              " S=" + std::to_string(S) + " D=" + std::to_string(D) + " V=" + std::to_string(V));
+    const float* qp = buffer_ptr<float>(q, "q", H * D);
+    const float* cp = buffer_ptr<float>(cache, "cache", S * D);
+    float* op = buffer_ptr<float>(out, "out", H * V, true);
+    py::gil_scoped_release release;
+    kt::mla_decode_attention(qp, H, cp, S, D, V, scale, op);
 }
 
 // The Q8Row of one float row (q, d, sum, sum16), for tests that rebuild the exact int8 reference.
@@ -131,7 +146,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "Native CPU kernels for GGUF-quantized linears and routed experts";
     m.def("quant_linear", &quant_linear, "out[M,N] = x[M,K] @ dequant(W)[N,K]^T");
     m.def("moe_forward", &moe_forward, "fused routed experts");
-    m.def("head_gemv", &head_gemv, "out[h, n] = w[h, n, :] . x[h, :] for float weights [H, N, K]");
+    m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
+    m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
     m.def("quantize_q8", &quantize_q8, "one float row -> (int8 bytes, block scales, block sums)");
     m.def("supported_types", &supported_types, "ggml type ids with a kernel in the active ISA");
     m.def("isa", [] { const kt::KernelSet* k = kt::active_kernels(); return std::string(k ? k->isa : ""); });

@@ -5,7 +5,7 @@
 //  * They are #included INSIDE `namespace kt::avx2 { ... }` (kernels_avx2.cpp) and
 //    `namespace kt::vnni { ... }` (kernels_vnni.cpp), so one source yields one function per ISA.
 //    They must not #include system headers or iq_tables.h themselves: the ISA files include
-//    <immintrin.h>, <cstdint>, <cstring>, <cmath>, simd.h, dot.h and (when present) iq_tables.h
+//    <immintrin.h>, <algorithm>, <cstdint>, <cstring>, <cmath>, simd.h, dot.h and (when present) iq_tables.h
 //    at global scope before opening the namespace.
 //  * Each kernel is a `RowDot`: one weight row of raw GGUF blocks (n elements, n a multiple of
 //    the type's block size) times one activation row quantized to Q8Row.

@@ -6,6 +6,7 @@
 // file runs before dispatch.cpp has asked the CPU what it supports. A CPU without AVX2 then gets
 // "lacks AVX2/FMA", not an illegal instruction.
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -3,6 +3,7 @@
 // headers stay baseline and the tables are compile-time constants: no code of this file runs
 // unless dispatch.cpp has found the CPU features it needs.
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -25,9 +25,14 @@ void moe_forward(const float* x, int64_t T, int64_t hidden, const int64_t* ids, 
                  const QuantMatrix& gate, const QuantMatrix& up, const QuantMatrix& down, int64_t n_experts,
                  int64_t intermediate, float* out);
 
-// Per-head matrix-vector products: out[h, n] = sum_k w[h, n, k] * x[h, k] for float weights
-// (ggml_type F32, F16 or BF16) stored contiguously as [H, N, K], float32 x [H, K] and out [H, N].
-void head_gemv(const uint8_t* w, int ggml_type, int64_t H, int64_t N, int64_t K, const float* x, float* out);
+// Per-head linears: out[h, M, N] = x[h, M, K] @ W_h^T for h < heads, where `w` describes head 0
+// (N rows of K) and head h's rows start h * head_stride bytes after it (quantized or float rows).
+void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out);
+
+// One-token MLA attention over float32 cache rows [S, D] (first V values of a row: the latent):
+// out[h, :V] = sum_s softmax_s(scale * q[h] . cache[s]) * cache[s, :V] for q [H, D].
+void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t S, int64_t D, int64_t V, float scale,
+                          float* out);
 
 // Sum of all bytes of p[0..n), read by every pool thread in parallel (bandwidth probe).
 double stream_sum(const uint8_t* p, size_t n);

@@ -1,6 +1,8 @@
 // Quantized linear: activations are quantized once per row, then the work is cut into
 // (row chunk, token tile) items. Row chunks are the outer index so threads running at the same
 // time share weight rows in cache, and each weight row is read once per tile of tokens.
+// head_linear does the same for a stack of per-head matrices, each with its own activation rows
+// (MLA's absorbed W_UK / W_UV, read from the GGUF blocks in place), in one pool call.
 #include <xmmintrin.h>
 
 #include <algorithm>
@@ -39,57 +41,63 @@ inline void prefetch(const uint8_t* p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
 
-// Rows per item: enough items to balance the pool, few enough to amortise the hand-out.
-int64_t rows_per_item(int64_t rows, int64_t tiles) {
+// Rows per item: enough items to balance the pool, few enough to amortise the hand-out (each
+// item also restarts the hardware prefetchers: short rows get up to 128 KB an item).
+int64_t rows_per_item(int64_t rows, int64_t tiles, int64_t row_bytes) {
     const int64_t wanted_items = int64_t(pool().size()) * 8;
-    return std::clamp<int64_t>(rows * tiles / wanted_items, 1, 64);
+    const int64_t most = std::max<int64_t>(64, (128 << 10) / row_bytes);
+    return std::clamp<int64_t>(rows * tiles / wanted_items, 1, most);
 }
 
 }  // namespace
 
-void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) {
+void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out) {
     const KernelSet* k = active_kernels();
     const int64_t N = w.rows, K = w.cols;
     const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
-    const int64_t chunk = rows_per_item(N, tiles);
-    const int64_t chunks = (N + chunk - 1) / chunk;
+    const int64_t most = rows_per_item(N * heads, tiles, w.row_bytes), chunks = (N + most - 1) / most;
+    const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
     const int64_t ahead = M <= 2 ? prefetch_rows() : 0;
-    // tile_rows(row, t0, t1, o) writes o[t * N] = row . x[t] for the tokens t0..t1 of a tile.
+    // tile_rows(row, xrow, t0, t1, o) writes o[t * N] = row . x[xrow + t] for the tokens t0..t1 of a tile.
     auto for_each_item = [&](auto&& tile_rows) {
-        pool().run(chunks * tiles, [&](int64_t item) {
-            const int64_t r0 = item / tiles * chunk, r1 = std::min(N, r0 + chunk);
-            const int64_t t0 = item % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
+        pool().run(heads * chunks * tiles, [&](int64_t item) {
+            const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
+            const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
+            const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
+            const uint8_t* rows = w.data + h * head_stride;
             for (int64_t r = r0; r < r1; ++r) {
-                if (ahead && r + ahead < r1) prefetch(w.row(r + ahead), w.row_bytes);
-                tile_rows(w.row(r), t0, t1, out + r);
+                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
+                tile_rows(rows + r * w.row_bytes, h * M, t0, t1, out + h * M * N + r);
             }
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
-        for_each_item([&](const uint8_t* row, int64_t t0, int64_t t1, float* o) {
-            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, x + t * K, K);
+        for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
+            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, x + (xrow + t) * K, K);
         });
         return;
     }
-    const Q8Rows xq = quantize_rows(x, M, K);
+    const Q8Rows xq = quantize_rows(x, heads * M, K);
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
-    for_each_item([&](const uint8_t* row, int64_t t0, int64_t t1, float* o) {
+    for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
         if (!multi || t1 - t0 == 1) {
-            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, xq.row(t), K);
+            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, xq.row(xrow + t), K);
             return;
         }
         for (int64_t t = t0; t < t1; t += kMultiRows) {
             const int nx = int(std::min<int64_t>(kMultiRows, t1 - t));
             Q8Row rows[kMultiRows];
             float res[kMultiRows];
-            for (int j = 0; j < nx; ++j) rows[j] = xq.row(t + j);
+            for (int j = 0; j < nx; ++j) rows[j] = xq.row(xrow + t + j);
             multi(row, rows, nx, res, K);
             for (int j = 0; j < nx; ++j) o[(t + j) * N] = res[j];
         }
     });
 }
+
+void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) { head_linear(x, M, w, 1, 0, out); }
 
 double stream_sum(const uint8_t* p, size_t n) {
     const KernelSet* k = active_kernels();

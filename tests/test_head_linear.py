@@ -1,0 +1,134 @@
+"""kernels.head_linear (per-head linears on the native pool: MLA's absorbed W_UK / W_UV on the CPU)
+and kernels.mla_decode_attention (one-token MLA attention over the latent cache).
+
+Oracles: the weights decoded by the `gguf` package and the products recomputed in float64 by torch,
+with the kernel's own int8 activations for quantized weights (tolerances as in test_cpu_kernels.py:
+only float32 accumulation error is left, 1e-5 of sum |w x|); torch's float64 softmax attention.
+"""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as G
+
+import ktransformers.kernels as kernels
+from ktransformers.models.absorbed_kv_b import AbsorbedKVB
+from test_cpu_kernels import FLOAT_TYPES, QUANT_TYPES, dequant64, new_seed, q8_decode, random_weight
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
+
+
+def check_heads(ggml_type, H, N, K, M, seed, stride_rows=None):
+    """head_linear over H heads of N rows (head h starting at row h * stride_rows) against float64 bmm."""
+    rng = np.random.default_rng(seed)
+    stride_rows = stride_rows or N
+    raw = random_weight(ggml_type, H * stride_rows, K, rng)
+    x = torch.from_numpy(rng.standard_normal((H, M, K)).astype(np.float32))
+    w = dequant64(raw, ggml_type, H * stride_rows, K).view(H, stride_rows, K)[:, :N]
+    stride = None if stride_rows == N else stride_rows * raw.size // (H * stride_rows)
+    got = kernels.head_linear(x, torch.from_numpy(raw), ggml_type, H, N, K, head_stride=stride).double()
+    assert got.shape == (H, M, N)
+    if ggml_type in FLOAT_TYPES:
+        xd = x.double()
+    else:  # the same int8 activations the kernel multiplied
+        xd = torch.stack([q8_decode(x[h])[0] for h in range(H)])
+    err = (got - torch.bmm(xd, w.transpose(1, 2))).abs()
+    budget = 1e-5 * torch.bmm(xd.abs(), w.abs().transpose(1, 2)) + 1e-30
+    assert torch.all(err <= budget), f"{ggml_type.name} H={H} N={N} K={K} M={M} seed={seed}: {(err / budget).max():.3g}"
+
+
+@pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 5, 40])  # decode; a prefill chunk within one token tile; two tiles
+def test_quantized_heads_match_per_head_matmul(isa, ggml_type, M):
+    check_heads(ggml_type, H=6, N=24, K=512, M=M, seed=new_seed())
+
+
+def test_deepseek_shapes_of_w_uk_and_w_uv():
+    """attn_k_b [H, kv_lora, nope] in Q8_0 (rows of 128) and attn_v_b [H, v, kv_lora] in Q4_K, at 16 heads."""
+    check_heads(G.Q8_0, H=16, N=512, K=128, M=1, seed=new_seed())
+    check_heads(G.Q4_K, H=16, N=128, K=512, M=3, seed=new_seed())
+
+
+@pytest.mark.parametrize("ggml_type", sorted(FLOAT_TYPES), ids=lambda t: t.name)
+def test_float_heads_use_float_activations(isa, ggml_type):
+    for H, N, K, M in [(8, 64, 128, 1), (3, 5, 37, 2), (1, 1, 1, 1), (64, 3, 5, 1)]:  # vector tails, tiny heads
+        check_heads(ggml_type, H, N, K, M, seed=new_seed())
+
+
+def test_heads_apart_by_a_stride_read_only_their_rows():
+    """An older GGUF's fused attn_kv_b holds per head nope rows of W_UK then v rows of W_UV: W_UV is read
+    in place, head h's rows starting h * (nope + v) rows in."""
+    check_heads(G.Q4_K, H=5, N=16, K=256, M=2, seed=new_seed(), stride_rows=40)
+    check_heads(G.Q8_0, H=3, N=7, K=64, M=1, seed=new_seed(), stride_rows=9)
+
+
+def test_each_head_uses_its_own_activation_rows():
+    H, N, K = 16, 33, 24
+    w = torch.arange(H, dtype=torch.float32)[:, None, None].expand(H, N, K).contiguous()
+    x = torch.zeros(H, 1, K)
+    x[torch.arange(H), 0, torch.arange(H) % K] = 1.0
+    got = kernels.head_linear(x, w.view(torch.uint8).reshape(-1), G.F32, H, N, K)
+    assert torch.equal(got, torch.arange(H, dtype=torch.float32)[:, None, None].expand(H, 1, N))
+
+
+def test_bad_head_linear_input_is_rejected_with_the_reason():
+    w = torch.zeros(2 * 4 * 8 * 4, dtype=torch.uint8)  # 2 heads of 4 x 8 float32
+    with pytest.raises(ValueError, match=r"x must be \[2, M, 8\]"):
+        kernels.head_linear(torch.zeros(3, 1, 8), w, G.F32, 2, 4, 8)
+    with pytest.raises(ValueError, match="bytes, but 8 rows"):
+        kernels.head_linear(torch.zeros(2, 1, 8), w[:-4], G.F32, 2, 4, 8)
+    with pytest.raises(ValueError, match="need 384 bytes"):
+        kernels.head_linear(torch.zeros(2, 1, 8), w, G.F32, 2, 4, 8, head_stride=256)
+    with pytest.raises(ValueError, match="no native kernel"):
+        kernels.head_linear(torch.zeros(2, 1, 8), w, G.Q4_0, 2, 4, 8)
+    mod = kernels.require()
+    x, out = torch.zeros(16), torch.zeros(8)
+    with pytest.raises(ValueError, match="without overlapping"):  # heads closer than a head's rows
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 64, out.numpy())
+    with pytest.raises(ValueError, match="weight: has 256 elements, needs 384"):  # a stride past the buffer
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 256, out.numpy())
+
+
+def reference_attention(q, cache, value_dim, scale):
+    scores = (q.double() @ cache.double().T) * scale
+    return scores.softmax(-1) @ cache.double()[:, :value_dim]
+
+
+@pytest.mark.parametrize("S", [1, 7, 256, 257, 1000])  # one row; one cache block; block edges; several blocks
+def test_decode_attention_matches_softmax_attention(isa, S):
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for H, D, V in [(128, 576, 512), (5, 40, 33), (1, 3, 1)]:  # DeepSeek-V3; vector tails and a lone head
+        q, cache = torch.randn(H, D, generator=gen), torch.randn(S, D, generator=gen)
+        got = kernels.mla_decode_attention(q, cache, V, 0.1)
+        torch.testing.assert_close(got.double(), reference_attention(q, cache, V, 0.1), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"H={H} S={S} D={D} seed={seed}: {m}")
+
+
+def test_decode_attention_keeps_peaked_softmax_finite():
+    """Scores far apart (a large scale) must not overflow the exponentials: the maximum is subtracted first."""
+    q, cache = torch.randn(8, 64) * 30, torch.randn(600, 64) * 30
+    got = kernels.mla_decode_attention(q, cache, 64, 1.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), reference_attention(q, cache, 64, 1.0), rtol=1e-4, atol=1e-3)
+
+
+def test_bad_attention_input_is_rejected_with_the_reason():
+    with pytest.raises(ValueError, match="value_dim"):
+        kernels.mla_decode_attention(torch.zeros(2, 8), torch.zeros(3, 8), 9, 1.0)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.mla_decode_attention(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(3, 8), 4, 1.0)
+    with pytest.raises(ValueError, match=r"S>0"):
+        kernels.mla_decode_attention(torch.zeros(2, 8), torch.zeros(0, 8), 4, 1.0)
+
+
+def test_float_kv_b_on_the_cpu_makes_the_reduced_dimension_contiguous():
+    """The torch fallback (AbsorbedKVB) keeps weight-on-the-left layouts: W_UK stored [H, kv_lora, nope]."""
+    w_uk, w_uv = torch.randn(4, 8, 16), torch.randn(4, 6, 16)
+    fused = torch.cat([w_uk, w_uv], dim=1)  # the loader hands in slices of one per-head kv_b tensor
+    kv_b = AbsorbedKVB(fused[:, :8], fused[:, 8:], "cpu", torch.float32)
+    assert torch.equal(kv_b.w_uk, w_uk) and torch.equal(kv_b.w_uv, w_uv)
+    assert kv_b.w_uk.transpose(1, 2).is_contiguous() and kv_b.w_uv.is_contiguous()
+    q_nope, latent = torch.randn(3, 4, 8), torch.randn(4, 3, 16)
+    torch.testing.assert_close(kv_b.absorb_query(q_nope), torch.einsum("thn,hnc->htc", q_nope, w_uk))
+    torch.testing.assert_close(kv_b.expand_values(latent), torch.einsum("htc,hvc->thv", latent, w_uv))

@@ -1,0 +1,100 @@
+"""CPU MLA under the shipped CPU rules: the absorbed W_UK / W_UV come straight from the GGUF blocks
+(attn_k_b + attn_v_b files: both; older fused attn_kv_b files: W_UV), and one-token attention runs
+on the native pool (kernels.mla_decode_attention).
+
+Oracles: /proc/self/maps (the weights lie inside the GGUF file's mapping, so no float copy exists),
+torch's own attention (`_attend` with the native kernel switched off), and the torch float32
+reference rules (the path tests/test_model_vs_hf.py checks against transformers)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ktransformers import kernels
+from ktransformers.models import mla
+from ktransformers.models.absorbed_kv_b import NativeAbsorbedKVB
+from ktransformers.models.loader import load_model
+from ktransformers.optimize import optimize
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
+CPU_RULES = optimize.RULES_DIR / "DeepSeek-V3-Chat-cpu.yaml"
+TORCH_RULES = "- match: {name: '.*'}\n  replace: {backend: torch, device: cpu, dtype: float32}\n"
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["k_b+v_b", "fused kv_b"])
+def models(request, tiny_model, tmp_path_factory):
+    """(path of the tiny Q4_K_M GGUF, the model under the CPU rules, under the torch reference rules)."""
+    torch_rules = tmp_path_factory.mktemp("rules") / "torch.yaml"
+    torch_rules.write_text(TORCH_RULES)
+    model_dir = tiny_model(quant_mix="q4_k_m", kv_b_split=request.param)
+    loaded = [load_model(model_dir, model_dir, rules, device="cpu", max_context=32).model for rules in (CPU_RULES, torch_rules)]
+    return request.param, model_dir / "model.gguf", *loaded
+
+
+def test_absorbed_weights_are_read_from_the_file_mapping(models):
+    split, path, native, _ = models
+    ranges = mapped_ranges(path.resolve())
+    assert ranges
+    for layer in native.model.layers:
+        kv_b = layer.self_attn.kv_b_proj
+        assert isinstance(kv_b, NativeAbsorbedKVB)
+        in_place = [kv_b.w_uk, kv_b.w_uv] if split else [kv_b.w_uv]
+        for w in in_place:
+            start, end = w.raw.data_ptr(), w.raw.data_ptr() + w.raw.numel()
+            assert any(lo <= start and end <= hi for lo, hi in ranges)
+
+
+def test_native_decode_attention_equals_torch_attention(models, monkeypatch):
+    _, _, native, _ = models
+    attn = native.model.layers[0].self_attn
+    calls = []
+    real = kernels.mla_decode_attention
+    monkeypatch.setattr(kernels, "mla_decode_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    xs = torch.randn(6, native.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        attn(xs[:5], 0)
+        assert calls == []  # a prefill chunk: torch's matmuls
+        fast = attn(xs[5:], 5)
+        assert calls == [6]  # one token over the 6 live cache rows
+        monkeypatch.setattr(mla, "native_decode_attention", lambda cache: False)
+        slow = attn(xs[5:], 5)  # rewrites the same cache row, then torch's attention
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_native_attention_stays_within_quantization_error_of_the_reference(models):
+    """Layer by layer on equal inputs (whole-model logits could differ by a flipped near-tied expert): the
+    native kernels quantize activations to 8 bits, ~1 % per product; prefill and decode alike."""
+    _, _, native, reference = models
+    xs = torch.randn(12, native.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for got_layer, ref_layer in zip(native.model.layers, reference.model.layers):
+            for start, end in ((0, 11), (11, 12)):
+                got, expected = got_layer.self_attn(xs[start:end], start), ref_layer.self_attn(xs[start:end], start)
+                assert rel_err(got, expected) < 3e-2, start
+
+
+def test_greedy_decoding_picks_the_reference_tokens(models):
+    _, _, native, reference = models
+    ids = torch.arange(3, 15)[None]
+    with torch.inference_mode():
+        got, expected = native(ids, 0), reference(ids, 0)
+        token = expected[:, -1:].argmax(-1)
+        for pos in range(ids.shape[1], ids.shape[1] + 8):
+            got, expected = native(token, pos), reference(token, pos)
+            assert rel_err(got, expected) < 5e-2
+            assert got[0, -1].argmax() == expected[0, -1].argmax()
+            token = expected[:, -1:].argmax(-1)
