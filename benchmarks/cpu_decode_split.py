@@ -40,7 +40,10 @@ def weight_bytes(module) -> int:
 def self_bytes(module) -> int:
     """Weight bytes a container streams in its own (torch) code: MLA's absorbed W_UK and W_UV."""
     kv_b = getattr(module, "kv_b_proj", None)
-    return 0 if kv_b is None else sum(t.numel() * t.element_size() for t in (kv_b.w_uk, kv_b.w_uv))
+    if kv_b is None:
+        return 0
+    return sum(w.nbytes if hasattr(w, "nbytes") and not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
+               for w in (kv_b.w_uk, kv_b.w_uv))
 
 
 def short_name(name: str) -> str:
@@ -57,9 +60,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--override", action="append", default=[], metavar="KEY=INT")
     parser.add_argument("--fused-kv-b", action="store_true", help="one attn_kv_b (older files) instead of attn_k_b + attn_v_b")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.override)}
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     bandwidth = memory_bandwidth(256 if overrides else 1024)
     model, small, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.mix, False,
                                                   args.context + args.steps + 8, kv_b_split=not args.fused_kv_b,

@@ -324,3 +324,31 @@ def test_package_exports_the_contract():
         assert getattr(package, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         package.nothing
+
+
+def mapping_smaps(path) -> dict[str, int]:
+    """Summed kB fields (Rss, Anonymous, ...) of this process's mappings of `path`, from /proc/self/smaps."""
+    totals, inside = {}, False
+    for line in open("/proc/self/smaps").read().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path))
+        elif inside and line.endswith("kB"):
+            totals[fields[0].rstrip(":")] = totals.get(fields[0].rstrip(":"), 0) + int(fields[1])
+    return totals
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_populate_maps_every_page_without_private_copies(tmp_path):
+    """populate() faults the whole file in (Rss = its size) read-only: the private, writable map keeps
+    sharing the page cache (no anonymous copy-on-write pages), and the tensors read the same."""
+    path = write_gguf(tmp_path / "big.gguf", {"w": RNG.standard_normal((256, 4096), dtype=np.float32)})
+    model = open_gguf(path)
+    before = mapping_smaps(path.resolve())
+    if not model.populate():
+        pytest.skip("this kernel has no MADV_POPULATE_READ (Linux 5.14+)")
+    after = mapping_smaps(path.resolve())
+    size_kb = path.stat().st_size // 1024
+    assert before["Rss"] < size_kb // 2 <= size_kb - 8 <= after["Rss"]
+    assert after["Anonymous"] == 0
+    assert np.array_equal(model["w"].dequantize(torch.float32).numpy(), np.asarray(gguf.GGUFReader(path).tensors[0].data))

@@ -90,6 +90,9 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
         model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
     model.eval()
+    # Weights are used in place from the map: fault their pages in now, not inside the first tokens' kernels.
+    if not gguf_model.populate():
+        log.info("could not prefault %s (Linux 5.14+ does): the first use of each weight page will fault", gguf_source)
     _set_up_gpu_decode(model, cuda_graphs)
 
     if model_path is not None:
