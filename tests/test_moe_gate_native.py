@@ -1,5 +1,6 @@
 """The router scored by the native kernels (CPU rules: cpu_quant reads the GGUF's F32 router rows in
-place) routes exactly as the torch float32 reference scorer does."""
+place) routes exactly as the torch float32 reference scorer does, and the native choice of experts
+from the logits (kernels.moe_route, used on the CPU) equals MoEGate.route_torch's torch ops."""
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_native_f32_scorer_routes_like_the_torch_reference(overrides):
     torch.testing.assert_close(logits, x @ torch.from_numpy(router).T, rtol=1e-5, atol=1e-5)  # float32 dots
     for rows in (x[:1], x):  # a decode step, a prefill chunk
         ids, weights = native(rows)
-        ref_ids, ref_weights = reference(rows)
+        ref_ids, ref_weights = reference.route_torch(reference.scorer(rows))
         assert torch.equal(ids, ref_ids)
         torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
@@ -67,3 +68,40 @@ def test_cpu_rules_score_the_router_natively_and_torch_rules_in_float32(tiny_mod
     assert ref_weights.dtype == weights.dtype == torch.float32  # scores stay float32 under a bfloat16 rule
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+
+
+ROUTINGS = {
+    "v3 noaux_tc": {},
+    "v2 group_limited_greedy": dict(model_type="deepseek_v2", topk_method="group_limited_greedy", scoring_func="softmax",
+                                    n_routed_experts=160, num_experts_per_tok=6, n_group=8, topk_group=3),
+    "v2 greedy": dict(model_type="deepseek_v2", topk_method="greedy", scoring_func="softmax", norm_topk_prob=False),
+    "two experts a group": dict(n_routed_experts=16, n_group=8, topk_group=4, num_experts_per_tok=3),
+}
+
+
+@pytest.mark.parametrize("overrides", ROUTINGS.values(), ids=ROUTINGS.keys())
+@pytest.mark.parametrize("T", [1, 3, 200])  # decode (serial), a few tokens, a prefill chunk (on the pool)
+def test_native_choice_equals_the_torch_ops(overrides, T):
+    cfg = v3_routing_config(**{**dict(n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4), **overrides})
+    gen = torch.Generator().manual_seed(T)
+    bias = torch.randn(cfg.n_routed_experts, generator=gen) * 0.1 if cfg.topk_method == "noaux_tc" else None
+    gate = MoEGate(torch.nn.Identity(), bias, cfg, "cpu")
+    logits = torch.randn(T, cfg.n_routed_experts, generator=gen) * 3
+    ids, weights = gate(logits)  # the Identity scorer hands the logits through: native routing
+    ref_ids, ref_weights = gate.route_torch(logits)
+    assert torch.equal(ids, ref_ids)  # the same experts, best first
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_native_choice_rejects_impossible_routing():
+    logits = torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="needs the routing bias"):
+        kernels.moe_route(logits, None, "noaux_tc", True, 4, 2, 2, True)
+    with pytest.raises(ValueError, match="cannot form 5 groups"):
+        kernels.moe_route(logits, torch.zeros(16), "noaux_tc", True, 5, 2, 2, True)
+    with pytest.raises(ValueError, match="hold 9 picks"):
+        kernels.moe_route(logits, torch.zeros(16), "noaux_tc", True, 4, 2, 9, True)
+    with pytest.raises(ValueError, match="unknown method"):
+        kernels.moe_route(logits, None, "best", True, 1, 1, 2, True)
+    with pytest.raises(ValueError, match=r"bias must be \[16\]"):
+        kernels.moe_route(logits, torch.zeros(8), "noaux_tc", True, 4, 2, 2, True)

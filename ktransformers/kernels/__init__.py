@@ -129,7 +129,8 @@ def supported_types() -> list[GGMLType]:
     return list(_supported)
 
 
-def _check_weight(name: str, raw: torch.Tensor, ggml_type: GGMLType, rows: int, cols: int) -> int:
+def check_weight(name: str, raw: torch.Tensor, ggml_type: GGMLType, rows: int, cols: int) -> int:
+    """Row bytes of a raw weight of `rows` x `cols` `ggml_type` elements; ValueError naming `name` if it is not one."""
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.device.type != "cpu":
         raise ValueError(f"{name}: expected a CPU uint8 tensor of raw GGUF blocks, got {type(raw).__name__} "
                          f"{getattr(raw, 'dtype', '')} {getattr(raw, 'device', '')}")
@@ -155,7 +156,7 @@ def quant_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, out_featu
     """x float32 [M, in_features] @ dequant(weight)[out_features, in_features]^T -> float32 [M, out_features]."""
     mod = require()
     ggml_type = resolve_type(ggml_type)
-    row_bytes = _check_weight("weight", weight_raw, ggml_type, out_features, in_features)
+    row_bytes = check_weight("weight", weight_raw, ggml_type, out_features, in_features)
     if x.dim() != 2:
         raise ValueError(f"x: expected [M, {in_features}], got shape {tuple(x.shape)}")
     x = _float_input("x", x, (x.shape[0], in_features))
@@ -174,9 +175,9 @@ def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """
     mod = require()
     types = [resolve_type(t) for t in (gate_type, up_type, down_type)]
-    gate_rb = _check_weight("gate", gate_raw, types[0], n_experts * intermediate, hidden)
-    up_rb = _check_weight("up", up_raw, types[1], n_experts * intermediate, hidden)
-    down_rb = _check_weight("down", down_raw, types[2], n_experts * hidden, intermediate)
+    gate_rb = check_weight("gate", gate_raw, types[0], n_experts * intermediate, hidden)
+    up_rb = check_weight("up", up_raw, types[1], n_experts * intermediate, hidden)
+    down_rb = check_weight("down", down_raw, types[2], n_experts * hidden, intermediate)
     if x.dim() != 2 or topk_ids.dim() != 2:
         raise ValueError(f"x must be [T, {hidden}] and topk_ids [T, k]; got {tuple(x.shape)} and {tuple(topk_ids.shape)}")
     T, k = topk_ids.shape
@@ -217,7 +218,7 @@ def head_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, heads: int
     head_stride = head_bytes if head_stride is None else int(head_stride)
     spanned_rows = (heads - 1) * head_stride // row_bytes + out_features
     if head_stride == head_bytes:
-        _check_weight("weight", weight_raw, ggml_type, spanned_rows, in_features)
+        check_weight("weight", weight_raw, ggml_type, spanned_rows, in_features)
     elif not (isinstance(weight_raw, torch.Tensor) and weight_raw.numel() >= spanned_rows * row_bytes):
         raise ValueError(f"head_linear: {heads} heads of {out_features} rows, {head_stride} bytes apart, need "
                          f"{spanned_rows * row_bytes} bytes of weight, got {_describe(weight_raw)}")
@@ -245,6 +246,47 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, value_dim: int, s
     mod.mla_decode_attention(q.numpy(), q.shape[0], cache.numpy(), cache.shape[0], q.shape[1], value_dim, float(scale),
                              out.numpy())
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of a CPU float32 tensor, times `weight` (float32 [n]), as
+    torch.nn.functional.rms_norm computes it: one native call instead of a handful of torch ops."""
+    mod = require()
+    n = weight.numel()
+    ok = (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+          and x.dim() >= 1 and x.shape[-1] == n and weight.dim() == 1 and n > 0)
+    if not ok:
+        raise ValueError(f"rms_norm: need CPU float32 x [..., n] and weight [n], got x {_describe(x)}, weight "
+                         f"{_describe(weight)}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    mod.rms_norm(x.numpy(), x.numel() // n, n, weight.contiguous().numpy(), float(eps), out.numpy())
+    return out
+
+
+ROUTE_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, method: str, sigmoid: bool, n_group: int,
+              topk_group: int, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE router's choice from CPU float32 logits [T, E]: (ids int64 [T, top_k] best first, weights
+    float32 [T, top_k]), as operators/moe_gate.MoEGate computes it with torch ops."""
+    mod = require()
+    if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+        raise ValueError(f"moe_route: logits must be CPU float32 [T, experts], got {_describe(logits)}")
+    if method not in ROUTE_METHODS:
+        raise ValueError(f"moe_route: unknown method {method!r}; known: {list(ROUTE_METHODS)}")
+    logits = logits.contiguous()
+    T, E = logits.shape
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+        if bias.shape != (E,):
+            raise ValueError(f"moe_route: bias must be [{E}], got {_describe(bias)}")
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    weights = torch.empty(T, top_k, dtype=torch.float32)
+    mod.moe_route(logits.numpy(), T, E, None if bias is None else bias.numpy(), ROUTE_METHODS[method], bool(sigmoid),
+                  n_group or 1, topk_group or 1, top_k, bool(normalize), ids.numpy(), weights.numpy())
+    return ids, weights
 
 
 def _init():

@@ -53,8 +53,10 @@ class HeadWeights:
 
     def __init__(self, raw: torch.Tensor, ggml_type, heads: int, rows: int, cols: int, head_stride: int | None = None):
         self.raw, self.ggml_type, self.heads, self.rows, self.cols = raw, ggml_type, heads, rows, cols
-        self.head_stride = head_stride
-        self(torch.zeros(heads, 1, cols))  # checks type, sizes and bounds now, not at the first token
+        self.head_stride = heads and (head_stride or rows * row_nbytes(ggml_type, cols))
+        # checks type, sizes and bounds once, here; each product then goes straight to the extension
+        kernels.head_linear(torch.zeros(heads, 1, cols), raw, ggml_type, heads, rows, cols, self.head_stride)
+        self._raw_np, self._kernels, self._row_bytes = raw.numpy(), kernels.require(), row_nbytes(ggml_type, cols)
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "HeadWeights":
@@ -67,7 +69,14 @@ class HeadWeights:
         return self.heads * self.rows * row_nbytes(self.ggml_type, self.cols)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.head_linear(x, self.raw, self.ggml_type, self.heads, self.rows, self.cols, self.head_stride)
+        """x [H, T, cols] (any float dtype) -> float32 [H, T, rows]."""
+        if x.dim() != 3 or x.shape[0] != self.heads or x.shape[2] != self.cols:
+            raise ValueError(f"per-head weights [{self.heads}, {self.rows}, {self.cols}] got input {tuple(x.shape)}")
+        x = x.to(torch.float32).contiguous()
+        out = torch.empty(self.heads, x.shape[1], self.rows, dtype=torch.float32)
+        self._kernels.head_linear(x.numpy(), x.shape[1], self._raw_np, int(self.ggml_type), self.heads, self.rows,
+                                  self.cols, self._row_bytes, self.head_stride, out.numpy())
+        return out
 
 
 class NativeAbsorbedKVB(nn.Module):

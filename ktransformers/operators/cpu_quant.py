@@ -28,6 +28,13 @@ def _raw_view(t) -> torch.Tensor:
     return torch.from_numpy(t.data)
 
 
+def _as_cpu_float(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous CPU float32 tensor (itself when it is one already)."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous():
+        return x.detach()
+    return x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
 def _require(name):
     try:
         kernels.require()
@@ -76,6 +83,8 @@ class CpuQuantLinear(nn.Module):
         self.ggml_type = weight.ggml_type
         self.out_features, self.in_features = weight.shape
         self.raw = _raw_view(weight)  # a plain attribute, not a buffer: .to(device) must not move it
+        self._row_bytes = kernels.check_weight(weight.name, self.raw, self.ggml_type, self.out_features, self.in_features)
+        self._raw_np, self._type, self._kernels = self.raw.numpy(), int(self.ggml_type), kernels.require()
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"{weight.name}: bias of shape {tuple(bias.shape)} for {self.out_features} outputs")
         self.bias = None if bias is None else bias.detach().to("cpu", torch.float32)
@@ -83,8 +92,12 @@ class CpuQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
-        flat = x.reshape(-1, self.in_features)
-        y = kernels.quant_linear(flat, self.raw, self.ggml_type, self.out_features, self.in_features)
+        flat = _as_cpu_float(x.reshape(-1, self.in_features))
+        y = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
+        # straight to the extension (which re-checks every size): the weight was checked once, at load,
+        # and a decode step makes hundreds of these calls
+        self._kernels.quant_linear(flat.numpy(), flat.shape[0], self._raw_np, self._type, self.out_features,
+                                       self.in_features, self._row_bytes, y.numpy())
         if self.bias is not None:
             y += self.bias
         return y.to(device=x.device, dtype=x.dtype).view(*x.shape[:-1], self.out_features)
@@ -112,10 +125,25 @@ class CpuQuantExperts(nn.Module):
                              f"{tuple(down.shape)} do not form gate/up (E, I, H) + down (E, H, I)")
         self.types = (gate.ggml_type, up.ggml_type, down.ggml_type)
         self.gate_raw, self.up_raw, self.down_raw = (_raw_view(t) for t in (gate, up, down))
+        self._kernels = kernels.require()
+        rows_cols = ((self.intermediate, self.hidden),) * 2 + ((self.hidden, self.intermediate),)
+        # (numpy view, type id, row bytes) per stack, checked once here; the extension re-checks sizes
+        self._stacks = [(raw.numpy(), int(t.ggml_type),
+                         kernels.check_weight(t.name, raw, t.ggml_type, self.n_experts * rows, cols))
+                        for raw, t, (rows, cols) in zip((self.gate_raw, self.up_raw, self.down_raw), (gate, up, down),
+                                                        rows_cols)]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        y = kernels.moe_forward(x, topk_ids, topk_weights, self.gate_raw, self.types[0], self.up_raw, self.types[1],
-                                self.down_raw, self.types[2], self.n_experts, self.hidden, self.intermediate)
+        if x.dim() != 2 or x.shape[1] != self.hidden or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape \
+                or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"experts: x must be [T, {self.hidden}] with topk_ids and topk_weights [T, k]; got "
+                             f"{tuple(x.shape)}, {tuple(topk_ids.shape)}, {tuple(topk_weights.shape)}")
+        xs, weights = _as_cpu_float(x), _as_cpu_float(topk_weights)
+        ids = topk_ids.to(device="cpu", dtype=torch.int64).contiguous()
+        y = torch.empty(xs.shape, dtype=torch.float32)
+        (g, gt, gb), (u, ut, ub), (d, dt, db) = self._stacks
+        self._kernels.moe_forward(xs.numpy(), xs.shape[0], self.hidden, ids.numpy(), weights.numpy(), ids.shape[1],
+                                      g, gt, gb, u, ut, ub, d, dt, db, self.n_experts, self.intermediate, y.numpy())
         return y.to(device=x.device, dtype=x.dtype)
 
     def extra_repr(self):

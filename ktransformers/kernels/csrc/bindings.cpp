@@ -120,6 +120,46 @@ void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, 
     kt::mla_decode_attention(qp, H, cp, S, D, V, scale, op);
 }
 
+// out[r] = RMSNorm(x[r]) * w for M rows of n floats; rows in parallel on the pool when there are many.
+void rms_norm(py::buffer x, int64_t M, int64_t n, py::buffer w, float eps, py::buffer out) {
+    const kt::KernelSet& k = kernels_or_throw();
+    if (M < 0 || n <= 0) throw py::value_error("rms_norm: need M >= 0 rows of n > 0 values");
+    const float* xp = buffer_ptr<float>(x, "x", M * n);
+    const float* wp = buffer_ptr<float>(w, "weight", n);
+    float* op = buffer_ptr<float>(out, "out", M * n, true);
+    py::gil_scoped_release release;
+    if (M * n < (1 << 16)) {  // a decode row: waking the pool would cost more than the row
+        for (int64_t r = 0; r < M; ++r) k.rms_norm_row(xp + r * n, wp, n, eps, op + r * n);
+        return;
+    }
+    kt::pool().run(M, [&](int64_t r) { k.rms_norm_row(xp + r * n, wp, n, eps, op + r * n); });
+}
+
+void moe_route(py::buffer logits, int64_t T, int64_t E, py::object bias, int method, bool sigmoid, int64_t n_group,
+               int64_t topk_group, int64_t top_k, bool normalize, py::buffer ids, py::buffer weights) {
+    if (T < 0 || E <= 0 || top_k <= 0 || method < 0 || method > 2)
+        throw py::value_error("moe_route: need T >= 0, experts > 0, top_k > 0 and method 0..2");
+    const bool grouped = method != kt::RouteConfig::kGreedy;
+    if (grouped && (n_group <= 0 || E % n_group || topk_group <= 0 || topk_group > n_group ||
+                    top_k > topk_group * (E / n_group)))
+        throw py::value_error("moe_route: " + std::to_string(E) + " experts cannot form " + std::to_string(n_group) +
+                              " groups of which " + std::to_string(topk_group) + " hold " + std::to_string(top_k) +
+                              " picks");
+    if (top_k > E) throw py::value_error("moe_route: top_k exceeds the number of experts");
+    const float* lp = buffer_ptr<float>(logits, "logits", T * E);
+    const float* bp = nullptr;
+    if (method == kt::RouteConfig::kNoauxTc) {
+        if (bias.is_none()) throw py::value_error("moe_route: noaux_tc needs the routing bias");
+        bp = buffer_ptr<float>(bias.cast<py::buffer>(), "bias", E);
+    }
+    int64_t* ip = buffer_ptr<int64_t>(ids, "ids", T * top_k, true);
+    float* wp = buffer_ptr<float>(weights, "weights", T * top_k, true);
+    const kt::RouteConfig c{E, top_k, grouped ? n_group : 1, grouped ? topk_group : 1,
+                            kt::RouteConfig::Method(method), sigmoid, normalize};
+    py::gil_scoped_release release;
+    kt::moe_route(lp, T, bp, c, ip, wp);
+}
+
 // The Q8Row of one float row (q, d, sum, sum16), for tests that rebuild the exact int8 reference.
 py::tuple quantize_q8(py::buffer x, int64_t n) {
     if (n <= 0 || n % 32) throw py::value_error("quantize_q8: n must be a positive multiple of 32");
@@ -148,6 +188,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("moe_forward", &moe_forward, "fused routed experts");
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
+    m.def("moe_route", &moe_route, "the MoE router's experts and weights from its logits");
+    m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row, float32");
     m.def("quantize_q8", &quantize_q8, "one float row -> (int8 bytes, block scales, block sums)");
     m.def("supported_types", &supported_types, "ggml type ids with a kernel in the active ISA");
     m.def("isa", [] { const kt::KernelSet* k = kt::active_kernels(); return std::string(k ? k->isa : ""); });

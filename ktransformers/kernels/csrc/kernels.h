@@ -12,6 +12,8 @@ struct KernelSet {
     double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;
     // one activation row -> n/32 Q8Row blocks (q, d, sum, sum16)
     void (*quantize_row_q8)(const float* x, int64_t n, int8_t* q, float* d, int32_t* sum, int16_t* sum16) = nullptr;
+    // RMSNorm of one float32 row (norm_f32.inc)
+    void (*rms_norm_row)(const float* x, const float* w, int64_t n, float eps, float* out) = nullptr;
     // one (head group, cache block) of one-token MLA attention (attend_f32.inc)
     void (*attend_block)(const float* q, int64_t G, const float* rows, int64_t C, int64_t D, int64_t V, float scale,
                          float* scratch, float* m, float* l, float* acc) = nullptr;

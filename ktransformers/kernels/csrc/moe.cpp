@@ -7,11 +7,13 @@
 //      projections of all active experts, so no two threads ever write the same output float.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
 #include "kernels.h"
 #include "ops.h"
+#include "prefetch.h"
 #include "q8_row.h"
 #include "thread_pool.h"
 
@@ -54,9 +56,14 @@ struct Activations {
     }
 };
 
+// Rows per work item: enough items to balance the pool, at most KT_MOE_ROWS (32 by default).
 int64_t chunk_rows(int64_t rows, int64_t groups) {
+    static const int64_t most = [] {
+        const char* env = std::getenv("KT_MOE_ROWS");
+        return env && *env ? std::max<int64_t>(1, std::atoll(env)) : int64_t(32);
+    }();
     const int64_t wanted_items = int64_t(pool().size()) * 8;
-    return std::clamp<int64_t>(rows * groups / wanted_items, 1, 32);
+    return std::clamp<int64_t>(rows * groups / wanted_items, 1, most);
 }
 
 }  // namespace
@@ -76,6 +83,8 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         if (start[e + 1] > start[e]) active.push_back(e);
     const int64_t A = int64_t(active.size());
 
+    const int64_t ahead = T <= 2 ? prefetch_rows() : 0;  // decode: each weight row is used once
+
     // 1. gate/up for every pair, in slot order p.
     const Activations gate_x(ks, gate.ggml_type, x, T, H);
     std::optional<Activations> up_own;  // only when up's type needs another activation form
@@ -90,6 +99,10 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         const int64_t i0 = item % n_ci * ci, i1 = std::min(I, i0 + ci);
         std::vector<float> g(count), u(count);
         for (int64_t i = i0; i < i1; ++i) {
+            if (ahead && i + ahead < i1) {
+                prefetch(gate.row(e * I + i + ahead), gate.row_bytes);
+                prefetch(up.row(e * I + i + ahead), up.row_bytes);
+            }
             gate_x.dots(gate.row(e * I + i), &pair_token[first], count, g.data());
             upx.dots(up.row(e * I + i), &pair_token[first], count, u.data());
             for (int64_t s = 0; s < count; ++s) h[pairs[first + s] * I + i] = g[s] / (1.0f + std::exp(-g[s])) * u[s];
@@ -108,6 +121,7 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         for (int64_t e : active) {
             const int64_t first = start[e], count = start[e + 1] - first;
             for (int64_t r = r0; r < r1; ++r) {
+                if (ahead && r + ahead < r1) prefetch(down.row(e * H + r + ahead), down.row_bytes);
                 h_x.dots(down.row(e * H + r), &pairs[first], count, y.data());
                 for (int64_t s = 0; s < count; ++s) {
                     const int64_t p = pairs[first + s];

@@ -34,6 +34,18 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
 void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t S, int64_t D, int64_t V, float scale,
                           float* out);
 
+// How the MoE router picks experts (moe_route.cpp); `n_group`/`topk_group` matter for the grouped methods.
+struct RouteConfig {
+    enum Method { kGreedy = 0, kGroupLimitedGreedy = 1, kNoauxTc = 2 };
+    int64_t n_experts, top_k, n_group, topk_group;
+    Method method;
+    bool sigmoid, normalize;
+};
+
+// ids [T, top_k] and weights [T, top_k] of the experts each token's router logits [T, n_experts] choose;
+// bias [n_experts] (noaux_tc only) steers the choice, not the weights.
+void moe_route(const float* logits, int64_t T, const float* bias, const RouteConfig& c, int64_t* ids, float* weights);
+
 // Sum of all bytes of p[0..n), read by every pool thread in parallel (bandwidth probe).
 double stream_sum(const uint8_t* p, size_t n);
 

@@ -3,14 +3,13 @@
 // time share weight rows in cache, and each weight row is read once per tile of tokens.
 // head_linear does the same for a stack of per-head matrices, each with its own activation rows
 // (MLA's absorbed W_UK / W_UV, read from the GGUF blocks in place), in one pool call.
-#include <xmmintrin.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
 
 #include "kernels.h"
 #include "ops.h"
+#include "prefetch.h"
 #include "q8_row.h"
 #include "thread_pool.h"
 
@@ -26,20 +25,6 @@ bool has_kernel(int t) {
 namespace {
 
 constexpr int64_t kTokenTile = 32;  // 32 activation rows of 7168 int8 stay in L2 with the weights
-
-// Decode streams each weight row once; asking for the row `prefetch_rows` ahead while this one
-// is computed keeps more memory requests in flight per core. KT_PREFETCH_ROWS=0 turns it off.
-int64_t prefetch_rows() {
-    static const int64_t rows = [] {
-        const char* env = std::getenv("KT_PREFETCH_ROWS");
-        return env && *env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(1);
-    }();
-    return rows;
-}
-
-inline void prefetch(const uint8_t* p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
-}
 
 // Rows per item: enough items to balance the pool, few enough to amortise the hand-out (each
 // item also restarts the hardware prefetchers: short rows get up to 128 KB an item).
