@@ -60,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--override", action="append", default=[], metavar="KEY=INT")
     parser.add_argument("--fused-kv-b", action="store_true", help="one attn_kv_b (older files) instead of attn_k_b + attn_v_b")
+    parser.add_argument("--gguf", help="profile this file (loaded with load_model) instead of a synthetic model")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.override)}
@@ -67,10 +68,17 @@ def main(argv=None):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     bandwidth = memory_bandwidth(256 if overrides else 1024)
-    model, small, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.mix, False,
-                                                  args.context + args.steps + 8, kv_b_split=not args.fused_kv_b,
-                                                  **overrides)
-    model(torch.randint(0, small["vocab_size"], (1, args.context)), 0)
+    if args.gguf:
+        from ktransformers.models.loader import load_model
+
+        model = load_model(args.gguf, device="cpu", max_context=args.context + args.steps + 8).model
+        vocab = model.config.vocab_size
+    else:
+        model, small, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.mix, False,
+                                                      args.context + args.steps + 8, kv_b_split=not args.fused_kv_b,
+                                                      **overrides)
+        vocab = small["vocab_size"]
+    model(torch.randint(0, vocab, (1, args.context)), 0)
 
     timed = {name: m for name, m in model.named_modules()
              if hasattr(m, "placement") or name.endswith(("self_attn", ".mlp", "shared_experts"))}

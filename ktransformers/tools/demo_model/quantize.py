@@ -16,37 +16,20 @@ import argparse
 import os
 import random
 import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
+from ..llama_cpp import build, llama_cpp_source
 from .task import make_messages, random_problem, reply
 from .tokenizer import render_chat
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 EOS = "<｜end▁of▁sentence｜>"
 UD_IQ1_S_TYPES = [r"blk\.1\.ffn_down_exps=q2_k", "ffn_down_exps=iq2_xxs", "ffn_gate_exps=iq1_s", "ffn_up_exps=iq1_s"]
 
 
 def build_llama_cpp(work: Path) -> Path:
     """The bin directory of a llama.cpp build holding llama-quantize and llama-imatrix."""
-    work.mkdir(parents=True, exist_ok=True)
-    if not list(work.glob("llama_cpp_python-*.tar.gz")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        LLAMA_CPP_PYTHON, "-d", str(work)], check=True)
-    sdist = sorted(work.glob("llama_cpp_python-*.tar.gz"))[-1]
-    source = work / sdist.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"
-    if not source.is_dir():
-        with tarfile.open(sdist) as archive:
-            archive.extractall(work, filter="data")
-    build = source / "build"
-    bin_dir = build / "bin"
-    if not (bin_dir / "llama-quantize").exists() or not (bin_dir / "llama-imatrix").exists():
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DGGML_NATIVE=OFF", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"], check=True)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-                        "--target", "llama-quantize", "llama-imatrix"], check=True)
-    return bin_dir
+    source = llama_cpp_source(work)
+    return build(source, source / "build", ["llama-quantize", "llama-imatrix"], ["-DGGML_NATIVE=OFF"])
 
 
 def calibration_text(n: int = 300, seed: int = 99) -> str:
