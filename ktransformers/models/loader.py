@@ -54,7 +54,7 @@ def _resolve_device(device) -> torch.device:
 
 
 def load_model(gguf_path, model_path=None, optimize_config_path=None, device=None, max_context: int = 4096,
-               cpu_infer: int | None = None, cuda_graphs: bool = True) -> LoadedModel:
+               cpu_infer: int | None = None, cuda_graphs: bool = True, max_batch: int = 1) -> LoadedModel:
     """Load a DeepSeek V2/V3/R1 GGUF.
 
     model_path: directory with the Hugging Face config.json, tokenizer files and generation_config.json;
@@ -67,6 +67,8 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         shared experts; when a step's modules (all but routed experts and embedding) sit on one cuda
         device, one-token forwards go through StaticDecoder (whole-layer graphs if cuda_graphs, else eager
         static steps). Other placements decode with the model's own eager forward.
+    max_batch: sequences the KV cache holds at once (cache slots), i.e. the most a batched decode
+        step (`model.decode`) runs together. Each slot costs max_context cache rows per layer.
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -88,7 +90,7 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
 
     factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
-        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
+        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress, n_slots=max_batch)
     model.eval()
     _set_up_gpu_decode(model, cuda_graphs)
 
