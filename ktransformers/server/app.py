@@ -31,6 +31,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Flask:
     @app.get("/health")
     def health():
         return jsonify({"status": "ok", "model": settings.model_name, "busy": engine.busy,
+                        "running": len(engine.running), "max_batch": engine.max_batch,
                         "waiting": engine.waiting, "queue_size": engine.queue_size, "completed": engine.completed,
                         "stopping": engine.stopping})
 

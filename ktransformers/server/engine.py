@@ -154,6 +154,11 @@ class Engine:
         return self._scheduler.jobs
 
     @property
+    def decode_batch_sizes(self) -> collections.Counter:
+        """How many decode passes ran with each number of sequences."""
+        return self._scheduler.decode_batch_sizes
+
+    @property
     def busy(self) -> bool:
         return bool(self._scheduler.active)
 

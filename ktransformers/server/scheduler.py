@@ -16,6 +16,7 @@ Generate functions that never ask for a pass (test stand-ins) are run until thei
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -42,6 +43,7 @@ class Scheduler:
     def __init__(self, generate_fn, max_batch: int, on_end):
         self.generate_fn, self.max_batch, self.on_end = generate_fn, max_batch, on_end
         self.active: list[Active] = []
+        self.decode_batch_sizes: collections.Counter[int] = collections.Counter()  # sequences per decode pass
 
     @property
     def jobs(self) -> list[Any]:
@@ -76,6 +78,7 @@ class Scheduler:
         # a job whose prefill just ended decodes its first token in this same pass
         decoding = [a for a in self.active if a.pending is not None and not a.pending.prefill]
         if decoding:
+            self.decode_batch_sizes[len(decoding)] += 1
             self._pass(run_decode, [a.pending for a in decoding], decoding)
 
     def _pass(self, run, forwards, members: list[Active]) -> None:
