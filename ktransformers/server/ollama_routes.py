@@ -98,8 +98,12 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
                 if event is PING:
                     continue
                 if is_finish(event):
+                    # what is left (a </think> closing a reply cut short) goes on its own line: clients
+                    # such as AnythingLLM stop reading at done=true, whose content is empty, as Ollama's
                     tail = formatter.finish()
-                    yield ndjson_line({**base, "created_at": _now(), **piece(*tail), "done": True,
+                    if any(tail):
+                        yield ndjson_line({**base, "created_at": _now(), **piece(*tail), "done": False})
+                    yield ndjson_line({**base, "created_at": _now(), **piece("", ""), "done": True,
                                        **_stats(event, started)})
                     continue
                 reasoning, content = formatter.feed(event.reasoning, event.content)
