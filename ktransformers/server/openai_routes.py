@@ -87,7 +87,7 @@ def chat_completions():
         return sse_response(_chat_chunks(run, head, formatter, include_usage), run.close)
     reasoning, content, finish = collect(run, formatter)
     message = {"role": "assistant", "content": content}
-    if not formatter.inline:
+    if formatter.separate:
         message["reasoning_content"] = reasoning
     return jsonify({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
                                  "finish_reason": finish.finish_reason}],

@@ -11,10 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ktransformers.server.reasoning_format import ReasoningFormat
 from ktransformers.util.sampling import GREEDY_BELOW
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
-ReasoningFormat = Literal["deepseek", "think_tags"]
 
 # Every limit the server enforces is stated here, so /openapi.json tells clients (and fuzzers) the truth.
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -66,7 +66,8 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     reasoning_format: ReasoningFormat | None = Field(
-        None, description="deepseek: reasoning in reasoning_content; think_tags: inline <think>...</think> in content")
+        None, description="deepseek/auto: reasoning in reasoning_content; think_tags/none: inline <think>...</think> "
+                          "in content; deepseek-legacy: both (llama.cpp's values)")
 
 
 class CompletionRequest(_Sampling):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-REASONING_FORMATS = ("deepseek", "think_tags")
+from ktransformers.server.reasoning_format import REASONING_FORMATS
 
 
 @dataclass
@@ -13,7 +13,7 @@ class ServerSettings:
     api_key: str | None = None
     max_new_tokens: int = 1000          # used when a request names no max_tokens
     max_context: int = 4096             # reported by /api/show and /v1/models
-    reasoning_format: str = "deepseek"  # deepseek: reasoning_content field; think_tags: inline <think>
+    reasoning_format: str = "deepseek"  # see reasoning_format.py: deepseek (own field), think_tags (inline), ...
     force_think: bool = False
     retry_after_s: int = 5              # Retry-After sent with 503 when the queue is full
     stream_ping_s: float = 10.0         # SSE comment sent while the model is silent (long prefills)
