@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api_key", default=os.environ.get("KTRANSFORMERS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default $KTRANSFORMERS_API_KEY; none = open)")
     p.add_argument("--max_context", type=int, default=4096, help="KV cache length in tokens")
-    p.add_argument("--max_new_tokens", type=int, default=1000, help="tokens per reply when the request names none")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="cap on reply tokens for requests that name none (default: no cap, a reply may fill "
+                        "the context window, as with OpenAI and Ollama)")
     p.add_argument("--force_think", action="store_true", help="start every chat answer inside <think>")
     p.add_argument("--reasoning_format", choices=REASONING_FORMATS, default="deepseek",
                    help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>; "

@@ -50,7 +50,7 @@ def _sampling(options: OllamaOptions | None) -> dict:
 
 def _max_new_tokens(options: OllamaOptions | None, settings) -> int:
     wanted = options.num_predict if options else None
-    return wanted if wanted is not None and wanted > 0 else settings.max_new_tokens
+    return settings.reply_limit(wanted if wanted is not None and wanted > 0 else None)
 
 
 def _formatter(think, settings) -> ReasoningFormatter:
@@ -206,7 +206,7 @@ def show():
     family = settings.model_family
     return jsonify({
         "license": "", "modelfile": f"FROM {settings.model_name}\n",
-        "parameters": f"num_ctx {settings.max_context}\nnum_predict {settings.max_new_tokens}",
+        "parameters": f"num_ctx {settings.max_context}\nnum_predict {settings.max_new_tokens or -1}",
         "template": "{{ .Prompt }}", "details": _details(settings),
         "model_info": {"general.architecture": family, "general.basename": settings.model_name,
                        f"{family}.context_length": settings.max_context},

@@ -75,7 +75,7 @@ def chat_completions():
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": message_text(m.content, f"messages[{i}]")} for i, m in enumerate(body.messages)]
     gen = GenerationRequest(
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.max_new_tokens,
+        max_new_tokens=settings.reply_limit(body.max_completion_tokens or body.max_tokens),
         messages=messages, sampling=_sampling(body), stop=_stop_list(body.stop),
         force_think=settings.force_think)
     formatter = ReasoningFormatter(body.reasoning_format or settings.reasoning_format)
@@ -148,7 +148,7 @@ def completions():
         prompt = body.prompt
     if not prompt:
         raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-    gen = GenerationRequest(max_new_tokens=body.max_tokens or settings.max_new_tokens, prompt=prompt,
+    gen = GenerationRequest(max_new_tokens=settings.reply_limit(body.max_tokens), prompt=prompt,
                             sampling=_sampling(body), stop=_stop_list(body.stop))
     run = start_job(engine, gen, settings, ping=body.stream)
     head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),

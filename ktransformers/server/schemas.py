@@ -23,6 +23,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=1024)]
 StopStrings = StopString | Annotated[list[StopString], Field(max_length=16)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1, description="A signed 64-bit integer")]
 TEMPERATURE_NOTE = f"0 (or below {GREEDY_BELOW:g}) decodes greedily"
+LIMIT_NOTE = "Absent: the server's --max_new_tokens if set, else the reply may fill the context window"
 
 
 class _Request(BaseModel):
@@ -63,8 +64,8 @@ class _Sampling(_Request):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
+    max_completion_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
     reasoning_format: ReasoningFormat | None = Field(
         None, description="deepseek/auto: reasoning in reasoning_content; think_tags/none: inline <think>...</think> "
                           "in content; deepseek-legacy: both (llama.cpp's values)")
@@ -73,7 +74,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] = Field(
         description="A non-empty string (or a list holding one); batched prompts are not supported")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
 
 
 # ---------------------------------------------------------------- Ollama
@@ -83,7 +84,7 @@ class OllamaOptions(_Request):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     seed: Seed | None = None
-    num_predict: int | None = Field(None, description="-1 or absent: the server default")
+    num_predict: int | None = Field(None, description="-1 or absent: the server's cap, if any, else the rest of the context")
     stop: Annotated[list[StopString], Field(max_length=16)] | None = Field(None, description="Non-empty strings")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
