@@ -17,6 +17,7 @@ from ktransformers.server.jobs import RunningJob, collect, generation_error, sta
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import ChatCompletionRequest, CompletionRequest, ContentPart
 from ktransformers.server.sse import SSE_DONE, SSE_PING, sse_event, sse_response
+from ktransformers.server.timings import llama_timings
 
 openai_routes = Blueprint("openai", __name__)
 
@@ -91,16 +92,16 @@ def chat_completions():
         message["reasoning_content"] = reasoning
     return jsonify({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
                                  "finish_reason": finish.finish_reason}],
-                    "usage": _usage(finish)})
+                    "usage": _usage(finish), "timings": llama_timings(finish)})
 
 
 def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, include_usage: bool):
     head = {**head, "object": "chat.completion.chunk"}
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict, finish_reason=None) -> str:
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
         return sse_event({**head, **usage_field, "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra})
 
     def delta_of(reasoning: str, content: str) -> dict:
         delta = {}
@@ -119,7 +120,7 @@ def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, inc
                 tail = delta_of(*formatter.finish())
                 if tail:
                     yield chunk(tail)
-                yield chunk({}, event.finish_reason)
+                yield chunk({}, event.finish_reason, timings=llama_timings(event))
                 if include_usage:
                     yield sse_event({**head, "choices": [],
                                      "usage": _usage(event)})
@@ -159,20 +160,20 @@ def completions():
     _, text, finish = collect(run)
     return jsonify({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
                                          "finish_reason": finish.finish_reason}],
-                    "usage": _usage(finish)})
+                    "usage": _usage(finish), "timings": llama_timings(finish)})
 
 
 def _completion_chunks(run: RunningJob, head: dict, include_usage: bool):
-    def chunk(text: str, finish_reason=None) -> str:
+    def chunk(text: str, finish_reason=None, **extra) -> str:
         return sse_event({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                               "finish_reason": finish_reason}]})
+                                               "finish_reason": finish_reason}], **extra})
 
     try:
         for event in run:
             if event is PING:
                 yield SSE_PING
             elif is_finish(event):
-                yield chunk("", event.finish_reason)
+                yield chunk("", event.finish_reason, timings=llama_timings(event))
                 if include_usage:
                     yield sse_event({**head, "choices": [], "usage": _usage(event)})
             elif event.text:

@@ -24,6 +24,20 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class Timings(BaseModel):
+    """llama.cpp's timings (server/timings.py): on the chunk with finish_reason, and on non-streamed replies."""
+
+    cache_n: int                 # prompt tokens reused from the prefix cache
+    prompt_n: int                # prompt tokens evaluated
+    prompt_ms: float
+    prompt_per_token_ms: float
+    prompt_per_second: float
+    predicted_n: int             # completion tokens
+    predicted_ms: float          # decode steps after the first token (sampled with the prefill)
+    predicted_per_token_ms: float
+    predicted_per_second: float
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -44,6 +58,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    timings: Timings
 
 
 class Delta(BaseModel):
@@ -68,6 +83,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None   # with stream_options.include_usage: null, then a last chunk with no choices
+    timings: Timings | None = None   # on the chunk carrying finish_reason
 
 
 class CompletionChoice(BaseModel):
@@ -86,6 +102,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: Timings | None = None   # non-streamed, or the streamed chunk carrying finish_reason
 
 
 class ModelCard(BaseModel):
