@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ktransformers.util.events import ContextLengthError, FinishEvent, TokenEvent
+from ktransformers.util.logprobs import LogprobReporter
 from ktransformers.util.reasoning import THINK_OPEN, ReasoningSplitter
 from ktransformers.util.sampling import Sampler, SamplingParams
 from ktransformers.util.stop_strings import StopStringMatcher
@@ -75,6 +76,7 @@ def prefill_and_generate(
     generation_config=None,
     hide_control_tokens: bool = True,
     prefix_cache=None,
+    top_logprobs: int | None = None,
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
@@ -84,7 +86,9 @@ def prefill_and_generate(
     own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
     such as <｜Assistant｜> out of the text (never <think>/</think>). `prefix_cache` (a
     util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
-    earlier request left; without it the prompt is prefilled from position 0. Bad arguments raise
+    earlier request left; without it the prompt is prefilled from position 0. `top_logprobs` None
+    computes no log-probabilities; 0..20 gives each TokenEvent a `logprob` (util/logprobs.py: the
+    model's log-softmax for the chosen token and that many alternatives). Bad arguments raise
     ValueError before any model call.
     """
     prompt_ids = _as_id_list(inputs)
@@ -103,12 +107,13 @@ def prefill_and_generate(
         eos_ids = _ids_from(eos_token_ids)
     stop_matcher = StopStringMatcher(stop)
     detokenizer = IncrementalDetokenizer(tokenizer, hide_control_tokens)
+    reporter = LogprobReporter(tokenizer, top_logprobs) if top_logprobs is not None else None
     return _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache)
+                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache, reporter)
 
 
 def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache):
+              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache, reporter):
     sampler = Sampler(sampling, prompt_ids)
     splitter = ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids))
     # The whole sequence (prompt + answer) must fit in the context window.
@@ -119,7 +124,7 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
         with torch.inference_mode():
             return model(torch.tensor([ids], dtype=torch.long), start_pos)[0, -1]
 
-    def event(token_id, text, final=False):
+    def event(token_id, text, final=False, logprob=None):
         shown = stop_matcher.push(text)
         if final and not stop_matcher.stopped:
             shown += stop_matcher.flush()
@@ -127,7 +132,7 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
         if final or stop_matcher.stopped:
             tail_reasoning, tail_content = splitter.flush()
             reasoning, content = reasoning + tail_reasoning, content + tail_content
-        return TokenEvent(token_id, shown, reasoning, content)
+        return TokenEvent(token_id, shown, reasoning, content, logprob)
 
     started = time.perf_counter()
     cached = prefix_cache.prepare(prompt_ids) if prefix_cache is not None else 0
@@ -142,10 +147,11 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
         completion += 1
         last = completion == budget
         text = detokenizer.push(token) + (detokenizer.flush() if last else "")
-        out = event(token, text, final=last)
+        # `logits` are still those `token` was sampled from
+        out = event(token, text, final=last, logprob=reporter.entry(logits, token) if reporter else None)
         if stop_matcher.stopped:
             finish_reason = "stop"
-            if out.text or out.reasoning or out.content:
+            if out.text or out.reasoning or out.content or out.logprob:
                 yield out
             break
         yield out
