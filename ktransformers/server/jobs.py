@@ -87,6 +87,7 @@ class RunningJob:
         self.started = time.monotonic()
         self.prompt_tokens: int | None = None
         self.completion_tokens = 0
+        self.logprobs = []          # TokenLogprob of each generated token, when the request asked
         self.finish = None
         self._route = f"{request.method} {request.path}"
         try:
@@ -131,6 +132,8 @@ class RunningJob:
             self.prompt_tokens = event.prompt_tokens
         elif event is not PING and getattr(event, "token_id", None) is not None:
             self.completion_tokens += 1
+            if getattr(event, "logprob", None) is not None:
+                self.logprobs.append(event.logprob)
         return event
 
     def close(self, outcome: str = "cancelled") -> None:

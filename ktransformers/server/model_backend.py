@@ -69,7 +69,7 @@ class ModelBackend:
                                         sampling=sampling, stop=request.stop or None,
                                         force_think=request.force_think,
                                         generation_config=loaded.generation_config,
-                                        prefix_cache=self.prefix_cache)
+                                        prefix_cache=self.prefix_cache, top_logprobs=request.top_logprobs)
 
 
 def model_generate_fn(loaded: LoadedModel, cache_tokens: int = DEFAULT_CACHE_TOKENS) -> GenerateFn:

@@ -38,6 +38,29 @@ class Timings(BaseModel):
     predicted_per_second: float
 
 
+class TopLogprob(BaseModel):
+    token: str              # the token's text (U+FFFD where it holds part of a character)
+    logprob: float          # the model's log-softmax, before penalties, temperature and filters
+    bytes: list[int]        # the token's exact UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """One entry per generated token (reasoning included) whose text this choice or chunk sends."""
+
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -47,7 +70,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None    # with logprobs: true
     finish_reason: FinishReason
 
 
@@ -70,7 +93,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -89,7 +112,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None   # with logprobs: n
     finish_reason: FinishReason | None
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ktransformers.server.reasoning_format import ReasoningFormat
+from ktransformers.util.logprobs import MAX_TOP_LOGPROBS
 from ktransformers.util.sampling import GREEDY_BELOW
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -24,10 +25,32 @@ StopStrings = StopString | Annotated[list[StopString], Field(max_length=16)]
 Seed = Annotated[int, Field(ge=-(2 ** 63), le=2 ** 63 - 1, description="A signed 64-bit integer")]
 TEMPERATURE_NOTE = f"0 (or below {GREEDY_BELOW:g}) decodes greedily"
 LIMIT_NOTE = "Absent: the server's --max_new_tokens if set, else the reply may fill the context window"
+LOGPROBS_NOTE = ("Log-probability of each generated token (reasoning included): the model's own log-softmax, "
+                 "before penalties, temperature and top-k/top-p/min-p")
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _Logprobs(_Request):
+    """OpenAI chat's and Ollama's switches (logprobs first: top_logprobs' check reads it)."""
+
+    logprobs: bool | None = Field(None, description=LOGPROBS_NOTE)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="The most likely tokens at each step, with theirs; needs logprobs: true")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return value
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """None: none asked for; n: each token's log-probability and n alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # ---------------------------------------------------------------- OpenAI
@@ -62,7 +85,7 @@ class _Sampling(_Request):
     model: str | None = Field(None, description="Any name (or none): the served model answers and responses carry its name")
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(_Sampling, _Logprobs):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
     max_completion_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
@@ -75,6 +98,8 @@ class CompletionRequest(_Sampling):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)] = Field(
         description="A non-empty string (or a list holding one); batched prompts are not supported")
     max_tokens: int | None = Field(None, ge=1, description=LIMIT_NOTE)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description=f"{LOGPROBS_NOTE}; the number is how many alternatives per token")
 
 
 # ---------------------------------------------------------------- Ollama
@@ -98,7 +123,7 @@ class OllamaMessage(_Request):
     images: list[str] | None = Field(None, max_length=0, description="This model reads text only: none or empty")
 
 
-class _OllamaGenerate(_Request):
+class _OllamaGenerate(_Logprobs):
     model: str = Field(min_length=1, description="Any name: the served model answers and replies carry its name")
     stream: bool = True
     options: OllamaOptions | None = None
