@@ -44,7 +44,7 @@ def _sampling(options: OllamaOptions | None) -> dict:
     if options is None:
         return {}
     values = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
-              "seed": options.seed, "presence_penalty": options.presence_penalty,
+              "min_p": options.min_p, "seed": options.seed, "presence_penalty": options.presence_penalty,
               "frequency_penalty": options.frequency_penalty, "repetition_penalty": options.repeat_penalty}
     return {k: v for k, v in values.items() if v is not None}
 

@@ -36,7 +36,8 @@ def _check_common(body) -> None:
 
 
 def _sampling(body) -> dict:
-    values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
+    values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+              "seed": body.seed,
               "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
               "repetition_penalty": body.repetition_penalty}
     return {k: v for k, v in values.items() if v is not None}
