@@ -11,6 +11,7 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
+from ktransformers.server.testing import scripted_server
 from ktransformers.server.wsgi import BackgroundServer
 
 CONTEXT = 96
@@ -59,3 +60,11 @@ def test_logprobs_reach_langchain(url):
     streamed = [e for chunk in chat_model(url, max_tokens=6).stream(QUESTION, logprobs=True)
                 for e in (chunk.response_metadata.get("logprobs") or {}).get("content") or []]
     assert [e["logprob"] for e in streamed] == [e["logprob"] for e in entries]
+
+
+def test_reasoning_reaches_langchain_as_think_tags():
+    """ChatOpenAI drops reasoning_content; asking for think_tags puts the reasoning in content."""
+    with scripted_server(settings=ServerSettings(model_name="m", max_new_tokens=4)) as srv:
+        llm = ChatOpenAI(base_url=srv.url + "/v1", api_key="none", model="m", max_retries=0,
+                         extra_body={"reasoning_format": "think_tags"})
+        assert llm.invoke("hello owl").content == "<think>hmm0 hmm1 </think>owl.0 owl.1 "
