@@ -1,11 +1,11 @@
 """A request that names no token limit may fill the context window (OpenAI and Ollama have no default cap;
 R1 often reasons past 1,000 tokens), unless the operator sets --max_new_tokens. Real `openai` and `ollama`
-clients; the real backend (tokenizer, template, prefill_and_generate) around a model that never stops."""
+clients; the real backend (tokenizer, template, prefill_and_generate) around a model that never stops
+(OneTokenModel)."""
 
 import ollama
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from chat_openai import parse_args
@@ -14,27 +14,16 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
+from ktransformers.server.testing import OneTokenModel
 from ktransformers.server.wsgi import BackgroundServer
 
 CONTEXT = 1300   # more than the 1,000 tokens the server used to stop at
 
 
-class Babbler:
-    """Logits that make any sampler pick the same ordinary token forever: only the limits end a reply."""
-
-    def __init__(self, token: int, vocab_size: int, max_context: int):
-        self.token, self.vocab_size, self.max_context = token, vocab_size, max_context
-
-    def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
-        logits[0, -1, self.token] = 30.0
-        return logits
-
-
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = Babbler(tokenizer.encode("a", add_special_tokens=False)[0], len(tokenizer), CONTEXT)
+    model = OneTokenModel(tokenizer.encode("a", add_special_tokens=False)[0], len(tokenizer), CONTEXT)
     return LoadedModel(model, tokenizer, None, GenerationConfig.from_pretrained(tiny_model_dir))
 
 
