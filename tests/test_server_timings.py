@@ -62,7 +62,7 @@ def test_the_finishing_chunk_carries_timings_that_agree_with_usage(client):
 
 
 def test_usage_stays_in_its_own_last_chunk(client):
-    chunks = list(client.chat.completions.create(model="tiny", max_tokens=4, stream=True,
+    chunks = list(client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, stream=True,
                                                  stream_options={"include_usage": True},
                                                  messages=[{"role": "user", "content": "Hi"}]))
     assert [c.usage is not None for c in chunks].count(True) == 1 and chunks[-1].choices == []
@@ -73,6 +73,7 @@ def test_usage_stays_in_its_own_last_chunk(client):
 def test_completions_carry_timings_too(client):
     reply = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0)
     check_consistent(reply.model_extra["timings"], reply.usage.prompt_tokens, 5)
-    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                            stream=True))
     assert chunks[-1].choices[0].finish_reason == "length"
     check_consistent(chunks[-1].model_extra["timings"], reply.usage.prompt_tokens, 5)
