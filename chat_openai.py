@@ -45,10 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api_key", default=os.environ.get("KTRANSFORMERS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default $KTRANSFORMERS_API_KEY; none = open)")
     p.add_argument("--max_context", type=int, default=4096, help="KV cache length in tokens")
-    p.add_argument("--max_new_tokens", type=int, default=1000, help="tokens per reply when the request names none")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="cap on reply tokens for requests that name none (default: no cap, a reply may fill "
+                        "the context window, as with OpenAI and Ollama)")
     p.add_argument("--force_think", action="store_true", help="start every chat answer inside <think>")
     p.add_argument("--reasoning_format", choices=REASONING_FORMATS, default="deepseek",
-                   help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>")
+                   help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>; "
+                        "llama.cpp's auto (= deepseek), none (= think_tags) and deepseek-legacy (both) also work")
     p.add_argument("--optimize_config_path", help="placement rules YAML")
     p.add_argument("--cpu_infer", type=int, help="CPU threads for the routed experts")
     p.add_argument("--queue_size", type=int, default=8, help="requests that may wait; more get 503")

@@ -34,6 +34,7 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     force_think: bool = False
+    top_logprobs: int | None = None       # None: no log-probabilities; n: each token's and n alternatives
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -73,7 +73,8 @@ class ModelBackend:
             reuse = lambda prompt: self.prefix_cache.prepare(prompt, request.slot)  # noqa: E731
         yield from generation_steps(loaded.model, loaded.tokenizer, ids, request.max_new_tokens,
                                     sampling=sampling, stop=request.stop or None, force_think=request.force_think,
-                                    generation_config=loaded.generation_config, reuse=reuse, slot=request.slot)
+                                    generation_config=loaded.generation_config, reuse=reuse, slot=request.slot,
+                                    top_logprobs=request.top_logprobs)
 
     def pick_slot(self, request: GenerationRequest, free_slots: list[int]) -> int:
         """The free cache slot to run the request in: the one holding most of its prompt."""

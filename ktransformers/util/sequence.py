@@ -63,18 +63,19 @@ def run_decode(forwards: list[Forward]) -> None:
 
 
 def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_context: int, sampler, stop_matcher,
-                   splitter, detokenizer, chunk_size: int, eos_ids: set[int],
+                   splitter, detokenizer, chunk_size: int, eos_ids: set[int], reporter=None,
                    reuse: Callable[[list[int]], int] | None = None,
                    slot: int = 0) -> Iterator[TokenEvent | FinishEvent | Forward]:
     """The steps of one generation (arguments checked by util.utils.generation_steps).
 
     `reuse(prompt_ids)`, called when the steps start, restores a cached prefix into the slot and
-    returns its length; those prompt tokens are not run again.
+    returns its length; those prompt tokens are not run again. `reporter` (util/logprobs.py), when
+    given, puts each token's log-probability on its TokenEvent.
     """
     # The whole sequence (prompt + answer) must fit in the context window.
     budget = min(max_new_tokens, max_context - len(prompt_ids))
 
-    def event(token_id, text, final=False):
+    def event(token_id, text, final=False, logprob=None):
         shown = stop_matcher.push(text)
         if final and not stop_matcher.stopped:
             shown += stop_matcher.flush()
@@ -82,14 +83,15 @@ def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_con
         if final or stop_matcher.stopped:
             tail_reasoning, tail_content = splitter.flush()
             reasoning, content = reasoning + tail_reasoning, content + tail_content
-        return TokenEvent(token_id, shown, reasoning, content)
+        return TokenEvent(token_id, shown, reasoning, content, logprob)
 
     started = time.perf_counter()
     cached = reuse(prompt_ids) if reuse is not None else 0
     for start in range(cached, len(prompt_ids), chunk_size):
         forward = Forward(model, prompt_ids[start:start + chunk_size], start, slot, prefill=True)
         yield forward
-    token = sampler.sample(forward.logits)
+    logits = forward.logits
+    token = sampler.sample(logits)
     prefill_seconds = time.perf_counter() - started
 
     decode_seconds, decode_steps, completion = 0.0, 0, 0
@@ -98,10 +100,11 @@ def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_con
         completion += 1
         last = completion == budget
         text = detokenizer.push(token) + (detokenizer.flush() if last else "")
-        out = event(token, text, final=last)
+        # `logits` are still those `token` was sampled from
+        out = event(token, text, final=last, logprob=reporter.entry(logits, token) if reporter else None)
         if stop_matcher.stopped:
             finish_reason = "stop"
-            if out.text or out.reasoning or out.content:
+            if out.text or out.reasoning or out.content or out.logprob:
                 yield out
             break
         yield out
@@ -110,7 +113,8 @@ def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_con
         started = time.perf_counter()
         forward = Forward(model, [token], len(prompt_ids) + completion - 1, slot, prefill=False)
         yield forward
-        token = sampler.sample(forward.logits)
+        logits = forward.logits
+        token = sampler.sample(logits)
         decode_seconds += time.perf_counter() - started
         decode_steps += 1
     else:

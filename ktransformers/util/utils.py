@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ktransformers.util.events import ContextLengthError, FinishEvent, TokenEvent
+from ktransformers.util.logprobs import LogprobReporter
 from ktransformers.util.reasoning import THINK_OPEN, ReasoningSplitter
 from ktransformers.util.sampling import Sampler, SamplingParams
 from ktransformers.util.sequence import Forward, run_prefill, sequence_steps
@@ -75,6 +76,7 @@ def prefill_and_generate(
     generation_config=None,
     hide_control_tokens: bool = True,
     prefix_cache=None,
+    top_logprobs: int | None = None,
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
@@ -84,18 +86,21 @@ def prefill_and_generate(
     own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
     such as <｜Assistant｜> out of the text (never <think>/</think>). `prefix_cache` (a
     util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
-    earlier request left; without it the prompt is prefilled from position 0. Bad arguments raise
+    earlier request left; without it the prompt is prefilled from position 0. `top_logprobs` None
+    computes no log-probabilities; 0..20 gives each TokenEvent a `logprob` (util/logprobs.py: the
+    model's log-softmax for the chosen token and that many alternatives). Bad arguments raise
     ValueError before any model call.
     """
     steps = generation_steps(model, tokenizer, inputs, max_new_tokens, sampling, stop, force_think, chunk_size,
-                             eos_token_ids, generation_config, hide_control_tokens,
+                             eos_token_ids, generation_config, hide_control_tokens, top_logprobs=top_logprobs,
                              reuse=None if prefix_cache is None else prefix_cache.prepare)
     return run_steps(model, steps)
 
 
 def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampling: SamplingParams | None = None,
                      stop=None, force_think: bool = False, chunk_size: int = 512, eos_token_ids=None,
-                     generation_config=None, hide_control_tokens: bool = True, reuse=None, slot: int = 0):
+                     generation_config=None, hide_control_tokens: bool = True, top_logprobs: int | None = None,
+                     reuse=None, slot: int = 0):
     """prefill_and_generate's sequence as util.sequence.sequence_steps: events interleaved with the
     model passes it needs (Forward), for a driver to run (`run_steps`, or the server's batch scheduler).
     `reuse(prompt_ids) -> cached tokens` restores a cached prefix into the sequence's slot first."""
@@ -118,6 +123,7 @@ def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampli
         stop_matcher=StopStringMatcher(stop),
         splitter=ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids)),
         detokenizer=IncrementalDetokenizer(tokenizer, hide_control_tokens), chunk_size=chunk_size, eos_ids=eos_ids,
+        reporter=LogprobReporter(tokenizer, top_logprobs) if top_logprobs is not None else None,
         reuse=reuse, slot=slot)
 
 
