@@ -10,6 +10,7 @@ import threading
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from ktransformers import kernels
 from ktransformers.demo import demo_paths
@@ -88,6 +89,11 @@ def test_concurrent_streams_decode_together_and_each_equals_its_solo_run(servers
     assert max(engine.decode_batch_sizes) >= 3  # the streams did share decode passes
     health = requests.get(batched + "/health", timeout=5).json()
     assert (health["max_batch"], health["running"], health["busy"]) == (4, 0, False)
+    metrics = {(s.name, tuple(s.labels.items())): s.value for family in
+               text_string_to_metric_families(requests.get(batched + "/metrics", timeout=5).text) for s in family.samples}
+    shared = sum(v for (name, labels), v in metrics.items()
+                 if name == "ktransformers_decode_passes_total" and int(dict(labels)["sequences"]) >= 3)
+    assert shared == sum(n for size, n in engine.decode_batch_sizes.items() if size >= 3) > 0
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_go_on(servers):

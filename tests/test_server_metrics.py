@@ -68,7 +68,8 @@ def test_queue_depth_and_busy_are_live():
                            json={"stream": True, "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}) as r:
             next(r.iter_lines())                      # the role chunk: the job is running, held
             samples = scrape(srv.url)
-            assert value(samples, "ktransformers_busy") == 1
+            assert value(samples, "ktransformers_busy") == 1 and value(samples, "ktransformers_running") == 1
+            assert value(samples, "ktransformers_max_batch") == 1
             srv.generator.allow(3)
             list(r.iter_lines())
         assert value(scrape(srv.url), "ktransformers_busy") == 0

@@ -12,6 +12,7 @@ import time
 
 from flask import Flask, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 RECEIVED_AT = "ktransformers.received_at"   # request.environ key: time.monotonic() when the request arrived
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320)
@@ -46,6 +47,11 @@ class ServerMetrics:
               ).set_function(lambda: engine.queue_size)
         Gauge("ktransformers_busy", "1 while the model is generating", registry=registry
               ).set_function(lambda: float(engine.busy))
+        Gauge("ktransformers_running", "Requests generating now (at most --max_batch)", registry=registry
+              ).set_function(lambda: len(engine.running))
+        Gauge("ktransformers_max_batch", "Requests that may generate at once (--max_batch)", registry=registry
+              ).set_function(lambda: engine.max_batch)
+        registry.register(_DecodePasses(engine))
 
     def generation_done(self, run) -> None:
         """`run` is the closing RunningJob (jobs.py)."""
@@ -63,6 +69,20 @@ class ServerMetrics:
             self.prefill_rate.observe(finish.prefill_tokens_per_s)
         if finish.decode_tokens_per_s > 0:
             self.decode_rate.observe(finish.decode_tokens_per_s)
+
+
+class _DecodePasses:
+    """Decode passes by how many sequences shared them, read from the engine at scrape time."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        family = CounterMetricFamily("ktransformers_decode_passes", "Decode passes, by sequences batched in the pass",
+                                     labels=["sequences"])
+        for size, count in sorted(self.engine.decode_batch_sizes.items()):
+            family.add_metric([str(size)], count)
+        yield family
 
 
 def install_metrics(app: Flask, engine) -> ServerMetrics:
