@@ -73,11 +73,12 @@ def run_direct(loaded, max_new_tokens: int):
     raise RuntimeError("prefill_and_generate ended without a FinishEvent")
 
 
-def run_api(url: str, max_new_tokens: int):
-    body = {"messages": MESSAGES, "max_tokens": max_new_tokens, "temperature": 0, "stream": True,
+def stream_times(url: str, messages: list[dict], max_new_tokens: int) -> tuple[float, list[float], int]:
+    """One greedy streamed chat: (send time, arrival time of each chunk with text, completion tokens)."""
+    body = {"messages": messages, "max_tokens": max_new_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start, times, usage = time.perf_counter(), [], None
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+    sent, times, usage = time.perf_counter(), [], None
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1200) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: {"):
@@ -89,26 +90,19 @@ def run_api(url: str, max_new_tokens: int):
                 delta = chunk["choices"][0]["delta"]
                 if delta.get("content") or delta.get("reasoning_content"):
                     times.append(time.perf_counter())
-    return rates(start, times, usage["completion_tokens"])
+    return sent, times, usage["completion_tokens"]
+
+
+def run_api(url: str, max_new_tokens: int):
+    start, times, tokens = stream_times(url, MESSAGES, max_new_tokens)
+    return rates(start, times, tokens)
 
 
 def run_stream(url: str, subject: str, max_new_tokens: int) -> dict:
     """One streamed chat: send time, first and last text times, completion tokens."""
-    body = {"messages": [{"role": "user", "content": f"Write a long story about {subject}."}],
-            "max_tokens": max_new_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    sent, times, usage = time.perf_counter(), [], None
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=1200) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            elif chunk["choices"] and (chunk["choices"][0]["delta"].get("content")
-                                       or chunk["choices"][0]["delta"].get("reasoning_content")):
-                times.append(time.perf_counter())
-    return {"sent": sent, "first": times[0], "last": times[-1], "tokens": usage["completion_tokens"]}
+    sent, times, tokens = stream_times(url, [{"role": "user", "content": f"Write a long story about {subject}."}],
+                                       max_new_tokens)
+    return {"sent": sent, "first": times[0], "last": times[-1], "tokens": tokens}
 
 
 def concurrency_table(url: str, counts: list[int], max_new_tokens: int) -> None:
