@@ -28,7 +28,8 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.guards import is_loopback_bind
 from ktransformers.server.settings import REASONING_FORMATS, ServerSettings
-from ktransformers.server.startup_checks import StartupError, check_chat_template, check_model_files, port_number
+from ktransformers.server.startup_checks import (StartupError, check_chat_template, check_model_files, port_number,
+                                                 positive_int)
 from ktransformers.server.wsgi import DEFAULT_LIMITS, ConnectionLimits, bind_sockets, create_server, serve_until_stopped
 
 log = logging.getLogger("ktransformers.server")
@@ -44,13 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api_key", default=os.environ.get("KTRANSFORMERS_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default $KTRANSFORMERS_API_KEY; none = open)")
     p.add_argument("--max_context", type=int, default=4096, help="KV cache length in tokens")
-    p.add_argument("--max_new_tokens", type=int, default=1000, help="tokens per reply when the request names none")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="cap on reply tokens for requests that name none (default: no cap, a reply may fill "
+                        "the context window, as with OpenAI and Ollama)")
     p.add_argument("--force_think", action="store_true", help="start every chat answer inside <think>")
     p.add_argument("--reasoning_format", choices=REASONING_FORMATS, default="deepseek",
-                   help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>")
+                   help="deepseek: reasoning in reasoning_content (default); think_tags: inline <think>...</think>; "
+                        "llama.cpp's auto (= deepseek), none (= think_tags) and deepseek-legacy (both) also work")
     p.add_argument("--optimize_config_path", help="placement rules YAML")
     p.add_argument("--cpu_infer", type=int, help="CPU threads for the routed experts")
     p.add_argument("--queue_size", type=int, default=8, help="requests that may wait; more get 503")
+    p.add_argument("--max_batch", type=positive_int, default=None,
+                   help="requests decoded together, each with its own KV cache slot (default: as many as fit "
+                        "in a tenth of the GPU's memory, or of RAM when CPU-only, at most 8)")
     p.add_argument("--cache_tokens", type=int, default=16384,
                    help="prefix cache: KV rows of earlier conversations kept in RAM for reuse (about 70 KB a "
                         "token for DeepSeek-V3); the live conversation is always reused; 0 turns prefix reuse off")
@@ -169,7 +176,7 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         gguf_model = check_model_files(args.gguf_path, args.model_path)
         from ktransformers.models.loader import load_model      # heavy imports after argument errors
         loaded = load_model(args.gguf_path, model_path=args.model_path, optimize_config_path=args.optimize_config_path,
-                            max_context=args.max_context, cpu_infer=args.cpu_infer)
+                            max_context=args.max_context, cpu_infer=args.cpu_infer, max_batch=args.max_batch)
         check_chat_template(loaded.tokenizer, args.model_path or args.gguf_path, args.force_think)
     except (ValueError, OSError) as err:    # bad files or options: the loader's messages name them
         return fail(str(err))
@@ -181,7 +188,8 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
         max_token_chars=longest_token_chars(loaded.tokenizer), cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host), **describe_gguf(gguf_model))
-    engine = Engine(model_generate_fn(loaded, args.cache_tokens), queue_size=args.queue_size)
+    engine = Engine(model_generate_fn(loaded, args.cache_tokens), queue_size=args.queue_size,
+                    max_batch=loaded.model.n_slots)
     limits = ConnectionLimits(connection_limit=args.max_connections, channel_timeout=args.idle_timeout)
     server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets, limits=limits)
     base = f"http://{args.host}:{args.port}"

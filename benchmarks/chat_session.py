@@ -34,7 +34,6 @@ from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
 from ktransformers.server.wsgi import BackgroundServer
 from ktransformers.util.chat import build_prompt_ids
-from ktransformers.util.prefix_cache import PrefixCache
 
 SYSTEM = ("You are the arithmetic helper of a small accounting team. Work every sum out digit by digit, "
           "check the carries, and give the result on its own line. Keep answers short. ") * 12
@@ -47,13 +46,7 @@ def load(args) -> LoadedModel:
     if args.synthetic:
         sys.path.insert(0, str(Path(__file__).parent))
         import synthetic_model
-        from ktransformers.models.loader import _set_up_gpu_decode
-
-        model, _, _ = synthetic_model.build_model(args.dense, args.layers - args.dense, args.synthetic,
-                                                  torch.cuda.is_available(), args.max_context)
-        _set_up_gpu_decode(model, cuda_graphs=True)
-        demo = load_model(demo_paths()[1], demo_paths()[0], max_context=64)  # its tokenizer and template
-        return LoadedModel(model, demo.tokenizer, model.config, demo.generation_config)
+        return synthetic_model.served_model(args.synthetic, args.layers, args.dense, args.max_context)
     model_dir, gguf = demo_paths(args.demo)
     return load_model(gguf, model_dir, max_context=args.max_context)
 

@@ -13,7 +13,8 @@
   many experts as fit in size-mb: expert bytes streamed per second;
 * MLA decode's absorbed products (DeepSeek-V3: 128 heads, W_UK [512x128] and W_UV [128x512] per
   head, float32 and bfloat16) between the quantized linears around them, as in a decode step:
-  torch.bmm (weight on the left) vs kernels.head_gemv, product time per layer and GB/s.
+  torch.bmm (weight on the left) vs kernels.head_linear on float weights and on the GGUF's blocks
+  (attn_k_b Q8_0, attn_v_b Q4_K), product time per layer and GB/s.
 """
 
 import argparse
@@ -134,30 +135,45 @@ def moe_decode(types, size_mb, bandwidth, rng):
 
 def mla_absorbed(dtype, n_layers, rng):
     """Per layer: q_b_proj -> W_UK product -> W_UV product -> o_proj (Q4_K linears), the products
-    timed alone, over n_layers distinct weights so they stream from memory. -> {name: (ms, bytes/s)}."""
+    timed alone, over n_layers distinct weights so they stream from memory: torch.bmm and
+    kernels.head_linear on float weights of `dtype`, and head_linear on the GGUF blocks a file holds
+    (attn_k_b Q8_0, attn_v_b Q4_K), as the CPU rules run them. -> {name: (ms, bytes/s)}."""
     H, C, D = 128, 512, 128
-    w_uk = [torch.randn(H, C, D).to(dtype) for _ in range(n_layers)]  # storage [H, kv_lora, nope]
-    w_uv = [torch.randn(H, D, C).to(dtype) for _ in range(n_layers)]
     q_b, o_proj = filled(GGMLType.Q4_K, H * 192, 1536, rng), filled(GGMLType.Q4_K, HIDDEN, H * D, rng)
-    q, latent = torch.randn(H, D), torch.randn(H, C)
-    products = {"torch.bmm": lambda w, x: torch.bmm(w, x.to(w.dtype)[:, :, None])[:, :, 0].float(),
-                "head_gemv": kernels.head_gemv}
+    q, latent = torch.randn(H, 1, D), torch.randn(H, 1, C)
+    floats = [(torch.randn(H, C, D).to(dtype), torch.randn(H, D, C).to(dtype)) for _ in range(n_layers)]
+    blocks = [(filled(GGMLType.Q8_0, H * C, D, rng), filled(GGMLType.Q4_K, H * D, C, rng)) for _ in range(n_layers)]
+    float_type = kernels.FLOAT_WEIGHT_TYPES[dtype]
+
+    def native(weight, x, ggml_type):
+        K = x.shape[2]
+        raw = weight if weight.dtype == torch.uint8 else weight.view(torch.uint8).reshape(-1)
+        return kernels.head_linear(x, raw, ggml_type, H, C if K == D else D, K)  # W_UK: C rows of D; W_UV: D of C
+
+    variants = {
+        "torch.bmm": (floats, lambda w, x, _: torch.bmm(w, x.to(w.dtype).transpose(1, 2)).float(), None),
+        "head_linear": (floats, native, float_type),
+        "head_linear Q8_0/Q4_K": (blocks, native, (GGMLType.Q8_0, GGMLType.Q4_K)),
+    }
     results = {}
-    for name, product in products.items():
+    for name, (weights, product, types) in variants.items():
+        uk_type, uv_type = types if isinstance(types, tuple) else (types, types)
+
         def step():
             spent = 0.0
-            for uk, uv in zip(w_uk, w_uv):
+            for uk, uv in weights:
                 kernels.quant_linear(torch.randn(1, 1536), q_b, GGMLType.Q4_K, H * 192, 1536)
                 start = time.perf_counter()
-                product(uk, q)
-                product(uv, latent)
+                product(uk, q, uk_type)
+                product(uv, latent, uv_type)
                 spent += time.perf_counter() - start
                 kernels.quant_linear(torch.randn(1, H * D), o_proj, GGMLType.Q4_K, HIDDEN, H * D)
             return spent / n_layers
 
         step()
         t = min(step() for _ in range(5))
-        results[name] = (t * 1e3, 2 * H * C * D * w_uk[0].element_size() / t)
+        nbytes = sum(w.numel() * w.element_size() for w in weights[0])
+        results[name] = (t * 1e3, nbytes / t)
     return results
 
 

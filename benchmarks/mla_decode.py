@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from ktransformers.gguf import GGMLType, QuantTensor
+from ktransformers.models.absorbed_kv_b import AbsorbedKVB
 from ktransformers.models.config import DeepseekConfig
 from ktransformers.models.layers import RMSNorm
-from ktransformers.models.mla import AbsorbedKVB, MLAttention
+from ktransformers.models.mla import MLAttention
 from ktransformers.models.rope import RopeTable
 from ktransformers.operators.linear import TorchLinear
 from ktransformers.util.cuda_graph import capture_graph

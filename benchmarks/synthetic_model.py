@@ -127,15 +127,30 @@ def routed_bytes_per_token(full: dict, mix: str) -> int:
 
 
 def build_model(n_dense: int, n_moe: int, mix: str, cuda: bool, max_context: int = 4096, seed: int = 0,
-                kv_b_split: bool = False, **overrides):
-    """(DeepseekV3ForCausalLM placed by the GPU or CPU rules, synthetic config dict, full config dict)."""
+                n_slots: int = 1, kv_b_split: bool = False, **overrides):
+    """(DeepseekV3ForCausalLM placed by the GPU or CPU rules, synthetic config dict, full config dict);
+    n_slots: sequences its KV cache holds (batched decode)."""
     small, full = synthetic_config(n_dense, n_moe, **overrides)
     cfg = config_from_hf_dict(small, "synthetic config")
     tensors = build_tensors(small, full, mix, seed, kv_b_split)
     rules = Rules.from_file(default_rules_path(cuda), cuda_device="cuda")
     factory = ModuleFactory(InMemoryGGUF(tensors, f"<synthetic {mix}>"), cfg, rules, dequantize)
-    model = DeepseekV3ForCausalLM(cfg, factory, max_context).eval()
+    model = DeepseekV3ForCausalLM(cfg, factory, max_context, n_slots=n_slots).eval()
     return model, small, full
+
+
+def served_model(mix: str, layers: int, dense: int, max_context: int, n_slots: int = 1):
+    """A LoadedModel of a synthetic real-width model set up as the server runs it (GPU rules, overlapped
+    experts and CUDA graphs when CUDA is present), with the demo model's tokenizer and chat template."""
+    import torch
+
+    from ktransformers.demo import demo_paths
+    from ktransformers.models.loader import LoadedModel, _set_up_gpu_decode, load_model
+
+    model, _, _ = build_model(dense, layers - dense, mix, torch.cuda.is_available(), max_context, n_slots=n_slots)
+    _set_up_gpu_decode(model, cuda_graphs=True)
+    demo = load_model(demo_paths()[1], demo_paths()[0], max_context=64)
+    return LoadedModel(model, demo.tokenizer, model.config, demo.generation_config)
 
 
 def write_gguf(path, n_dense: int, n_moe: int, mix: str, seed: int = 0, **overrides) -> Path:

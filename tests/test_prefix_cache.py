@@ -124,3 +124,43 @@ def test_a_disconnect_mid_stream_leaves_only_rows_that_were_written(loaded):
 def test_capacity_must_not_be_negative(loaded):
     with pytest.raises(ValueError, match="capacity_tokens"):
         PrefixCache(loaded.model, capacity_tokens=-1)
+
+
+@pytest.fixture(scope="module")
+def two_slots(tiny_model):
+    path = tiny_model(quant_mix="f32")
+    return load_model(path / "model.gguf", path, max_context=320, max_batch=2)
+
+
+def slot_logits(loaded, ids, slot, start=0):
+    with torch.inference_mode():
+        return loaded.model(torch.tensor([ids[start:]]), start, slot=slot)[0, -1]
+
+
+def test_a_shared_system_prompt_is_copied_from_the_other_slot(two_slots):
+    """Two users of one long system prompt (a RAG workspace): the second reuses the first's rows."""
+    cache = PrefixCache(two_slots.model, capacity_tokens=0)
+    system = "Answer from the attached manual only. " * 8
+    first, second = chat(two_slots, system, "How do I reset it?"), chat(two_slots, system, "Where is the fuse?")
+    assert cache.prepare(first, slot=0) == 0
+    slot_logits(two_slots, first, 0)
+    shared = common_prefix(first, second)
+    assert cache.prepare(second, slot=1) == shared > 20
+    assert two_slots.model.slot_ids[1] == second[:shared] and two_slots.model.slot_ids[0] == first
+    warm = slot_logits(two_slots, second, 1, start=shared)
+    cold = slot_logits(two_slots, second, 0)  # slot 0 rewritten from scratch: the cold reference
+    torch.testing.assert_close(warm, cold, rtol=1e-5, atol=1e-5)
+
+
+def test_each_conversation_goes_back_to_the_slot_that_holds_it(two_slots):
+    cache = PrefixCache(two_slots.model, capacity_tokens=0)
+    a = chat(two_slots, "Workspace A. " * 6, "Question one?")
+    b = chat(two_slots, "Workspace B, another prompt. " * 6, "Question one?")
+    for slot, ids in ((0, a), (1, b)):
+        cache.prepare(ids, slot)
+        slot_logits(two_slots, ids, slot)
+    assert cache.pick_slot(a + [5, 6], [0, 1]) == 0 and cache.pick_slot(b + [7], [0, 1]) == 1
+    assert cache.pick_slot(a + [5], [1]) == 1  # only a free slot can be picked
+    fresh = chat(two_slots, "Nothing shared here.", "Hi")
+    cache.prepare(a + [5], 0)
+    assert cache.pick_slot(fresh, [0, 1]) == 1  # no prefix anywhere: the least recently used slot

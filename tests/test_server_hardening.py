@@ -9,7 +9,6 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-import torch
 from jsonschema import Draft202012Validator
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -18,7 +17,7 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
-from ktransformers.server.testing import scripted_server, wait_for
+from ktransformers.server.testing import OneTokenModel, scripted_server, wait_for
 from ktransformers.server.wsgi import BackgroundServer
 
 CHAT = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "say hi"}]}
@@ -116,28 +115,11 @@ def test_lan_server_accepts_any_host_unless_restricted():
 
 # ---------------------------------------------------------------- 2. bounded work per request
 
-class HeldModel:
-    """Logits that make any sampler pick `token`; each forward waits for `go` (so a test can hold the worker)."""
-
-    def __init__(self, token: int, vocab_size: int, max_context: int = 256):
-        self.token, self.vocab_size, self.max_context = token, vocab_size, max_context
-        self.go = threading.Event()
-        self.go.set()
-        self.calls = 0
-
-    def __call__(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        self.calls += 1
-        self.go.wait(30)
-        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
-        logits[0, -1, self.token] = 100.0
-        return logits
-
-
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    """The real backend (tokenizer, chat template, sampler, prefill_and_generate) around HeldModel."""
+    """The real backend (tokenizer, chat template, sampler, prefill_and_generate) around OneTokenModel."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = HeldModel(tokenizer.encode("a", add_special_tokens=False)[0], len(tokenizer))
+    model = OneTokenModel(tokenizer.encode("a", add_special_tokens=False)[0], len(tokenizer))
     loaded = LoadedModel(model, tokenizer, None, GenerationConfig.from_pretrained(tiny_model_dir))
     engine = Engine(model_generate_fn(loaded), queue_size=2)
     settings = ServerSettings(model_name="tiny", max_new_tokens=4, max_context=model.max_context,

@@ -126,3 +126,21 @@ def test_empty_request_is_a_load_request(srv):
     r = requests.post(srv.url + "/api/generate", json={"model": "tiny-r1"},
                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).json()
     assert r["done"] is True and r["done_reason"] == "load"
+
+
+@pytest.mark.parametrize("route", ["chat", "generate"])
+def test_think_tags_reply_cut_short_closes_the_tag_before_done(route):
+    """AnythingLLM stops reading at done=true: the </think> closing a reply cut by num_predict must come
+    on a done=false line, and the done=true line carries no text (as Ollama's own)."""
+    with scripted_server(settings=ServerSettings(model_name="m", reasoning_format="think_tags")) as srv:
+        client = ollama.Client(host=srv.url, timeout=10)
+        if route == "chat":
+            parts = list(client.chat(model="m", messages=[{"role": "user", "content": "owl"}], stream=True,
+                                     options={"num_predict": 1}))
+            texts = [p.message.content for p in parts]
+        else:
+            parts = list(client.generate(model="m", prompt="owl", stream=True, options={"num_predict": 1}))
+            texts = [p.response for p in parts]
+    assert parts[-1].done and parts[-1].done_reason == "length" and texts[-1] == ""
+    assert all(not p.done for p in parts[:-1])
+    assert "".join(texts[:-1]) == "<think>hmm0 </think>"      # everything before done=true

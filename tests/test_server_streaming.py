@@ -63,7 +63,7 @@ def test_client_disconnect_stops_generation_within_one_token_and_server_recovers
         sock = open_stream(srv.url, "/v1/chat/completions", chat_body("gone", max_tokens=1000))
         received = bytearray()
         read_until(sock, b'"content":"gone.0 "', received)
-        job = srv.engine.current
+        job, = srv.engine.running
         sock.close()
         wait_for(lambda: job.cancelled)              # noticed without any further token
         srv.generator.allow(1)                       # the model produces one more token ...

@@ -22,30 +22,38 @@ from .rope import RopeTable
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int, rope: RopeTable):
+    def __init__(self, cfg: DeepseekConfig, factory, index: int, max_context: int, rope: RopeTable, n_slots: int):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = factory.norm(f"{prefix}.input_layernorm")
-        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context, rope)
+        self.self_attn = MLAttention(cfg, factory, f"{prefix}.self_attn", max_context, rope, n_slots)
         self.post_attention_layernorm = factory.norm(f"{prefix}.post_attention_layernorm")
         self.mlp = MoE(cfg, factory, f"{prefix}.mlp") if cfg.is_moe_layer(index) else MLP(factory, f"{prefix}.mlp")
 
-    def forward(self, hidden: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
+        """Tokens start_pos.. of the sequence in cache slot `slot` (a prefill chunk or one token)."""
+        return self._residual(hidden, lambda x: self.self_attn(x, start_pos, slot))
+
+    def forward_rows(self, hidden: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One token of each of several sequences (a batched decode step)."""
+        return self._residual(hidden, lambda x: self.self_attn.forward_rows(x, positions, slots))
+
+    def _residual(self, hidden: torch.Tensor, attend) -> torch.Tensor:
         # the residual stream lives where this layer's input norm lives
         p = self.input_layernorm.placement
         hidden = hidden.to(p.device, p.dtype)
-        hidden = hidden + self.self_attn(run(self.input_layernorm, hidden), start_pos).to(p.device, p.dtype)
+        hidden = hidden + attend(run(self.input_layernorm, hidden)).to(p.device, p.dtype)
         return hidden + self.mlp(run(self.post_attention_layernorm, hidden)).to(p.device, p.dtype)
 
 
 class DeepseekModel(nn.Module):
-    def __init__(self, cfg: DeepseekConfig, factory, max_context: int, progress=None):
+    def __init__(self, cfg: DeepseekConfig, factory, max_context: int, progress=None, n_slots: int = 1):
         super().__init__()
         self.embed_tokens = factory.embedding("model.embed_tokens")
         rope = RopeTable(cfg, max_context)
         layers = []
         for i in range(cfg.num_hidden_layers):
-            layers.append(DecoderLayer(cfg, factory, i, max_context, rope))
+            layers.append(DecoderLayer(cfg, factory, i, max_context, rope, n_slots))
             if progress is not None:
                 progress.update(1)
         self.layers = nn.ModuleList(layers)
@@ -53,32 +61,45 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    """forward(input_ids [1, T], start_pos) -> float32 logits [1, T, vocab], using its static cache.
+    """forward(input_ids [1, T], start_pos, slot=0) -> float32 logits [1, T, vocab], using its static cache.
 
-    Positions start_pos..start_pos+T-1 are written to the cache; T > 1 with start_pos > 0
-    (chunked prefill) attends to everything cached before start_pos. One-token forwards go through
-    `step_decoder` when the loader sets one (util/cuda_graph.StaticDecoder: CUDA graphs).
+    The cache has `n_slots` slots, one sequence each. Positions start_pos..start_pos+T-1 of the slot's
+    sequence are written; T > 1 with start_pos > 0 (chunked prefill) attends to everything cached before
+    start_pos. `decode(token_ids, positions, slots)` runs one token of each of several sequences in one
+    pass (a batched decode step). One-token steps go through `step_decoder` when the loader sets one
+    (util/cuda_graph.StaticDecoder: CUDA graphs).
     """
 
-    def __init__(self, cfg: DeepseekConfig, factory, max_context: int = 4096, progress=None):
+    def __init__(self, cfg: DeepseekConfig, factory, max_context: int = 4096, progress=None, n_slots: int = 1):
         super().__init__()
         if max_context <= 0:
             raise ValueError(f"max_context must be positive, got {max_context}")
-        self.config, self.max_context = cfg, max_context
-        self.model = DeepseekModel(cfg, factory, max_context, progress)
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be at least 1, got {n_slots}")
+        self.config, self.max_context, self.n_slots = cfg, max_context, n_slots
+        self.model = DeepseekModel(cfg, factory, max_context, progress, n_slots)
         self.lm_head = factory.linear("lm_head")
         # set by the loader on GPU: one-token steps then run through util/cuda_graph.StaticDecoder
         self.step_decoder = None
-        # The token ids whose rows the KV cache holds, at positions 0..len-1, kept by forward
-        # itself so any caller leaves it exact (util/prefix_cache.py reuses them).
-        self.cached_ids: list[int] = []
+        # Per slot, the token ids whose rows its KV cache holds at positions 0..len-1, kept by the
+        # forward calls themselves so any caller leaves them exact (util/prefix_cache.py reuses them).
+        self.slot_ids: list[list[int]] = [[] for _ in range(n_slots)]
 
-    def kv_caches(self) -> list[torch.Tensor]:
-        """Each layer's compressed KV cache [max_context, kv_lora_rank + rope_dim] (row = position)."""
-        return [layer.self_attn.kv_cache for layer in self.model.layers]
+    @property
+    def cached_ids(self) -> list[int]:
+        """Slot 0's token ids: the one sequence of single-sequence callers."""
+        return self.slot_ids[0]
+
+    def kv_caches(self, slot: int = 0) -> list[torch.Tensor]:
+        """Each layer's compressed KV cache of one slot [max_context, kv_lora_rank + rope_dim] (row = position)."""
+        return [layer.self_attn.kv_slots[slot] for layer in self.model.layers]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"cache slot {slot} does not exist: the model has {self.n_slots} (n_slots)")
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, slot: int = 0) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
         n_tokens = input_ids.shape[1]
@@ -87,16 +108,47 @@ class DeepseekV3ForCausalLM(nn.Module):
         if start_pos < 0 or start_pos + n_tokens > self.max_context:
             raise ValueError(f"positions {start_pos}..{start_pos + n_tokens - 1} do not fit the context window of "
                              f"{self.max_context} tokens (max_context)")
+        self._check_slot(slot)
+        ids = self.slot_ids[slot]
         # rows from start_pos on are rewritten: until this call succeeds, none of them is known
-        del self.cached_ids[start_pos:]
+        del ids[start_pos:]
         if n_tokens == 1 and self.step_decoder is not None:
-            logits = self.step_decoder.step(int(input_ids[0, 0]), start_pos)[None, None]
+            logits = self.step_decoder.step_batch([int(input_ids[0, 0])], [start_pos], [slot])[None]
         else:
             hidden = self.model.embed_tokens(input_ids[0])
             for layer in self.model.layers:
-                hidden = layer(hidden, start_pos)
-            hidden = run(self.model.norm, hidden)
-            logits = run(self.lm_head, hidden).float()[None]
-        if len(self.cached_ids) == start_pos:  # rows before start_pos were known: the cache now holds a prefix
-            self.cached_ids.extend(input_ids[0].tolist())
+                hidden = layer(hidden, start_pos, slot)
+            logits = self._head(hidden)[None]
+        if len(ids) == start_pos:  # rows before start_pos were known: the cache now holds a prefix
+            ids.extend(input_ids[0].tolist())
         return logits
+
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One token of each of several sequences: token_ids[b] at positions[b] of slot slots[b] (distinct
+        slots) -> float32 logits [B, vocab]."""
+        n = len(token_ids)
+        if n == 0 or len(positions) != n or len(slots) != n:
+            raise ValueError(f"decode needs as many positions and slots as tokens (at least one), got "
+                             f"{n} tokens, {len(positions)} positions, {len(slots)} slots")
+        if len(set(slots)) != n:
+            raise ValueError(f"each sequence of a decode step needs its own cache slot, got slots {slots}")
+        for position, slot in zip(positions, slots):
+            self._check_slot(slot)
+            if not 0 <= position < self.max_context:
+                raise ValueError(f"position {position} is outside the context window of {self.max_context} tokens")
+            del self.slot_ids[slot][position:]
+        if self.step_decoder is not None:
+            logits = self.step_decoder.step_batch(token_ids, positions, slots)
+        else:
+            hidden = self.model.embed_tokens(torch.tensor(token_ids, dtype=torch.long))
+            for layer in self.model.layers:
+                hidden = layer.forward_rows(hidden, positions, slots)
+            logits = self._head(hidden)
+        for token, position, slot in zip(token_ids, positions, slots):
+            if len(self.slot_ids[slot]) == position:
+                self.slot_ids[slot].append(int(token))
+        return logits
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return run(self.lm_head, run(self.model.norm, hidden)).float()

@@ -4,6 +4,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
@@ -54,7 +55,7 @@ def _resolve_device(device) -> torch.device:
 
 
 def load_model(gguf_path, model_path=None, optimize_config_path=None, device=None, max_context: int = 4096,
-               cpu_infer: int | None = None, cuda_graphs: bool = True) -> LoadedModel:
+               cpu_infer: int | None = None, cuda_graphs: bool = True, max_batch: int | None = 1) -> LoadedModel:
     """Load a DeepSeek V2/V3/R1 GGUF.
 
     model_path: directory with the Hugging Face config.json, tokenizer files and generation_config.json;
@@ -67,6 +68,9 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         shared experts; when a step's modules (all but routed experts and embedding) sit on one cuda
         device, one-token forwards go through StaticDecoder (whole-layer graphs if cuda_graphs, else eager
         static steps). Other placements decode with the model's own eager forward.
+    max_batch: sequences the KV cache holds at once (cache slots), i.e. the most a batched decode
+        step (`model.decode`) runs together. Each slot costs max_context cache rows per layer; None
+        picks as many as fit in a tenth of the attention device's memory, at most 8 (`auto_max_batch`).
     """
     gguf_model = open_gguf(gguf_path)
     gguf_source = ", ".join(str(f) for f in gguf_model.files)
@@ -87,8 +91,13 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         _set_cpu_threads(int(cpu_infer))
 
     factory = ModuleFactory(gguf_model, cfg, rules, dequantize)
+    attention = factory.placement("model.layers.0.self_attn")
+    if max_batch is None:
+        max_batch = auto_max_batch(cfg, max_context, attention.device, attention.dtype)
+    log.info("KV cache: %d slot(s) x %d tokens, %.2f GB on %s", max_batch, max_context,
+             max_batch * slot_bytes(cfg, max_context, attention.dtype) / 1e9, attention.device)
     with tqdm(total=cfg.num_hidden_layers, desc="loading layers", unit="layer") as progress:
-        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress)
+        model = DeepseekV3ForCausalLM(cfg, factory, max_context, progress=progress, n_slots=max_batch)
     model.eval()
     # Weights are used in place from the map: fault their pages in now, not inside the first tokens' kernels.
     if not gguf_model.populate():
@@ -102,6 +111,22 @@ def load_model(gguf_path, model_path=None, optimize_config_path=None, device=Non
         tokenizer = tokenizer_from_gguf(gguf_model.metadata, gguf_source)
         generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     return LoadedModel(model, tokenizer, cfg, generation_config)
+
+
+def slot_bytes(cfg: DeepseekConfig, max_context: int, dtype: torch.dtype) -> int:
+    """Bytes of one sequence's compressed KV cache (every layer, max_context rows)."""
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return cfg.num_hidden_layers * max_context * width * torch.empty(0, dtype=dtype).element_size()
+
+
+def auto_max_batch(cfg: DeepseekConfig, max_context: int, device: torch.device, dtype: torch.dtype,
+                   share: float = 0.1, most: int = 8) -> int:
+    """Cache slots that fit in `share` of the device's memory (the GPU's, or host RAM), 1..`most`."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = psutil.virtual_memory().total
+    return max(1, min(most, int(share * total // slot_bytes(cfg, max_context, dtype))))
 
 
 def _set_up_gpu_decode(model, cuda_graphs: bool):

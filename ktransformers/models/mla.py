@@ -33,7 +33,8 @@ class MLAttention(nn.Module):
     steps with the position in a device tensor (util/cuda_graph.StaticDecoder captures it as a CUDA graph).
     """
 
-    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable):
+    def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable,
+                 n_slots: int = 1):
         super().__init__()
         self.placement = place = factory.placement(prefix)  # of the attention maths and the cache
         self.device, self.dtype = place.device, place.dtype
@@ -52,10 +53,16 @@ class MLAttention(nn.Module):
         self.kv_b_proj = factory.kv_b(f"{prefix}.kv_b_proj")
         self.o_proj = factory.linear(f"{prefix}.o_proj")
         self.rope = rope  # shared by all layers: a plain attribute, not a submodule
-        # compressed cache, one row per position: [normalized latent | rotated rope key]
-        self.register_buffer("kv_cache", torch.zeros(max_context, self.kv_lora_rank + self.rope_dim,
+        # compressed cache, one table per sequence slot and one row per position:
+        # [normalized latent | rotated rope key]
+        self.register_buffer("kv_slots", torch.zeros(n_slots, max_context, self.kv_lora_rank + self.rope_dim,
                                                      device=self.device, dtype=self.dtype), persistent=False)
         self.register_buffer("key_index", torch.arange(max_context, device=self.device), persistent=False)
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """Slot 0's cache [max_context, width]: the one sequence of single-sequence callers."""
+        return self.kv_slots[0]
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -91,30 +98,55 @@ class MLAttention(nn.Module):
         rows = torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1)
         return self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations)), rows
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """x [T, hidden] for positions start_pos..start_pos+T-1 -> [T, hidden]; writes those cache rows."""
+    def forward(self, x: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
+        """x [T, hidden] for positions start_pos..start_pos+T-1 of one sequence -> [T, hidden]; writes those
+        rows of the sequence's cache slot."""
         n_tokens = x.shape[0]
         end = start_pos + n_tokens
         query, rows = self._project(x, self.rope.rotations(start_pos, end, self.device))
-        self.kv_cache[start_pos:end] = rows
-        keys = self.kv_cache[:end]
+        cache = self.kv_slots[slot]
+        cache[start_pos:end] = rows
+        keys = cache[:end]
         return self._output(self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens), n_tokens)
 
-    def decode_static(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """x [1, hidden] at `position` (int64 [1] on self.device) -> [1, hidden]; writes that cache row.
+    def forward_rows(self, x: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One new token of each of several sequences: row b of x [B, hidden] sits at positions[b] of
+        cache slot slots[b] -> [B, hidden]. The projections run on all rows at once; each row attends
+        to its own sequence's live rows only."""
+        n = x.shape[0]
+        rotations = self.rope.table(self.device).index_select(0, torch.tensor(positions, device=self.device))
+        query, rows = self._project(x, rotations)
+        query = query.view(self.n_heads, n, -1)
+        outputs = []
+        for b, (position, slot) in enumerate(zip(positions, slots)):
+            cache = self.kv_slots[slot]
+            cache[position] = rows[b]
+            keys = cache[:position + 1]
+            outputs.append(self._attend(query[:, b], keys, keys[:, :self.kv_lora_rank], position, 1))
+        return self._output(torch.stack(outputs, dim=1).reshape(self.n_heads * n, -1), n)
 
-        Nothing depends on the position's value on the host, so a CUDA graph can capture it: the row
-        is written with index_copy_, and the query scores every cache row, the ones past `position` masked.
-        On the CPU, where reading the position costs nothing, this is `forward`: only the live rows are
-        scored (scoring all 4224 rows of the benchmark's window cost ~3 ms a layer on 16 cores).
+    def decode_static(self, x: torch.Tensor, position: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Row b of x [B, hidden] at position[b] of cache slot slots[b] (int64 [B] tensors on self.device;
+        slots None: slot 0) -> [B, hidden]; writes those cache rows.
+
+        Nothing depends on the values on the host, so a CUDA graph can capture it: the rows are written
+        with index_put_, and each query scores every row of its slot, the ones past its position masked.
+        On the CPU, where reading the positions costs nothing, this is `forward_rows`: only the live rows
+        are scored (scoring all 4224 rows of the benchmark's window cost ~3 ms a layer on 16 cores).
         """
+        if slots is None:
+            slots = torch.zeros_like(position)
         if self.device.type == "cpu":
-            return self.forward(x, int(position))
-        query, row = self._project(x, self.rope.table(self.device).index_select(0, position))
-        self.kv_cache.index_copy_(0, position, row)
-        scores = (query @ self.kv_cache.T).float() * self.scale
-        scores.masked_fill_(self.key_index > position, float("-inf"))
-        return self._output(scores.softmax(dim=-1).to(self.dtype) @ self.kv_cache[:, :self.kv_lora_rank], 1)
+            return self.forward_rows(x, position.tolist(), slots.tolist())
+        n = x.shape[0]
+        query, rows = self._project(x, self.rope.table(self.device).index_select(0, position))
+        self.kv_slots.index_put_((slots, position), rows)
+        # each row's own slot: a gathered copy (B x max_context rows, small next to a step's expert work)
+        keys = self.kv_slots.index_select(0, slots)
+        scores = torch.bmm(query.view(self.n_heads, n, -1).transpose(0, 1), keys.transpose(1, 2)).float() * self.scale
+        scores.masked_fill_(self.key_index[None, None, :] > position[:, None, None], float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1).to(self.dtype), keys[..., :self.kv_lora_rank])  # [B, H, kv_lora]
+        return self._output(out.transpose(0, 1).reshape(self.n_heads * n, -1), n)
 
     def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
         """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""

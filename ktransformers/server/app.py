@@ -7,6 +7,7 @@ from flask import Flask, jsonify
 from ktransformers.server.engine import Engine
 from ktransformers.server.errors import register_error_handlers
 from ktransformers.server.guards import install_guards
+from ktransformers.server.metrics import install_metrics
 from ktransformers.server.ollama_routes import ollama_routes
 from ktransformers.server.openai_routes import openai_routes
 from ktransformers.server.openapi import openapi_document
@@ -26,11 +27,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> Flask:
     app.json.sort_keys = False          # keep OpenAI's field order; some clients log raw chunks
     app.json.ensure_ascii = False
     register_error_handlers(app)
+    install_metrics(app, engine)
     install_guards(app, settings)
 
     @app.get("/health")
     def health():
         return jsonify({"status": "ok", "model": settings.model_name, "busy": engine.busy,
+                        "running": len(engine.running), "max_batch": engine.max_batch,
                         "waiting": engine.waiting, "queue_size": engine.queue_size, "completed": engine.completed,
                         "stopping": engine.stopping})
 

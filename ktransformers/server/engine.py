@@ -1,5 +1,5 @@
-"""One worker thread owns the model; requests wait in a bounded list (a client that leaves
-while waiting gives its place back at once).
+"""One worker thread owns the model and runs up to max_batch requests at once (server/scheduler.py);
+the others wait in a bounded list (a client that leaves while waiting gives its place back at once).
 
 The generation function is injected: `generate_fn(GenerationRequest)` returns an iterator of
 events (PromptAccepted first if it likes, then TokenEvent..., then FinishEvent).  The worker
@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from ktransformers.server.scheduler import Scheduler
+
 log = logging.getLogger("ktransformers.server")
 
 
@@ -28,9 +30,11 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     prompt_ids: list[int] | None = None   # set by the generate function's prepare(), if it has one
+    slot: int = 0                         # the cache slot the scheduler gave the running request
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     force_think: bool = False
+    top_logprobs: int | None = None       # None: no log-probabilities; n: each token's and n alternatives
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -124,27 +128,40 @@ class Job:
 class Engine:
     """The model's one worker thread and the bounded list of jobs waiting for it.
 
-    `generate_fn` may have a `prepare(request)` method: it runs on the caller's (request) thread in
-    `prepare`, before the job queues, so tokenizing and context checks never hold up the model.
+    Up to `max_batch` jobs run at once (server/scheduler.py: chunked prefill between batched decode
+    steps); the rest wait. `generate_fn` may have a `prepare(request)` method: it runs on the
+    caller's (request) thread in `prepare`, before the job queues, so tokenizing and context checks
+    never hold up the model.
     """
 
-    def __init__(self, generate_fn: GenerateFn, queue_size: int = 8):
+    def __init__(self, generate_fn: GenerateFn, queue_size: int = 8, max_batch: int = 1):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._generate = generate_fn
         self._prepare = getattr(generate_fn, "prepare", None)
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
-        self.queue_size = queue_size
-        self.current: Job | None = None
+        self.queue_size, self.max_batch = queue_size, max_batch
+        self._scheduler = Scheduler(generate_fn, max_batch, self._ended)
         self.completed = 0
         self._stopped = False
         self._worker = threading.Thread(target=self._run, name="ktransformers-engine", daemon=True)
         self._worker.start()
 
     @property
+    def running(self) -> list[Job]:
+        return self._scheduler.jobs
+
+    @property
+    def decode_batch_sizes(self) -> collections.Counter:
+        """How many decode passes ran with each number of sequences."""
+        return self._scheduler.decode_batch_sizes
+
+    @property
     def busy(self) -> bool:
-        return self.current is not None
+        return bool(self._scheduler.active)
 
     @property
     def waiting(self) -> int:
@@ -180,61 +197,41 @@ class Engine:
         job._end()
 
     def stop(self, grace_s: float = 0.0, timeout: float = 5.0) -> None:
-        """Admit nothing more, refuse the waiting jobs, give the running one `grace_s` seconds to
-        finish, then interrupt it (its client is told the server is shutting down); end the worker."""
+        """Admit nothing more, refuse the waiting jobs, give the running ones `grace_s` seconds to
+        finish, then interrupt them (their clients are told the server is shutting down); end the worker."""
         with self._lock:
             self._stopped = True
             refused, self._waiting = list(self._waiting), collections.deque()
             self._lock.notify_all()
         for job in refused:
             job._end(EngineStopped("the server is shutting down"))
-        running = self.current
-        if running is not None and grace_s > 0:
-            running.finished.wait(grace_s)
-        running = self.current
-        if running is not None and not running.finished.is_set():
-            reason = EngineStopped("the server is shutting down; generation was stopped")
-            running._interrupt(reason)
-            running._put(reason)    # the client hears it now, even while the model is inside a step
+        running = self.running
+        if grace_s > 0:
+            for job in running:
+                job.finished.wait(grace_s)   # the grace is shared: they run at the same time
+                grace_s = 0.001
+        for job in self.running:
+            if not job.finished.is_set():
+                reason = EngineStopped("the server is shutting down; generation was stopped")
+                job._interrupt(reason)
+                job._put(reason)    # the client hears it now, even while the model is inside a step
         self._worker.join(timeout)
 
     def _run(self) -> None:
+        scheduler = self._scheduler
         while True:
             with self._lock:
-                while not self._waiting and not self._stopped:
+                while not self._waiting and not scheduler.active and not self._stopped:
                     self._lock.wait()
-                if not self._waiting:
+                if not self._waiting and not scheduler.active:
                     return
-                job = self.current = self._waiting.popleft()
-            error = None
-            try:
-                error = self._serve(job)
-            finally:
-                self.current = None
-                self.completed += 1
-                job._end(error)
+                admitted = []
+                while self._waiting and scheduler.has_room():
+                    admitted.append(self._waiting.popleft())
+            for job in admitted:
+                scheduler.admit(job)
+            scheduler.round()
 
-    def _serve(self, job: Job) -> BaseException | None:
-        """Run one job; return the exception that ended it (handed to the request thread)."""
-        events, ended_by = None, None
-        try:
-            events = iter(self._generate(job.request))
-            for event in events:
-                if job.cancelled:
-                    log.info("request %s %s; generation stopped", job.request.request_id,
-                             "interrupted (shutdown)" if job.interrupted else "cancelled (client gone)")
-                    ended_by = job.interrupted
-                    break
-                job._put(event)
-                if is_finish(event):
-                    break
-        except Exception as exc:  # handed to the request thread, which turns it into an HTTP error
-            return exc
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    log.exception("closing the generator of request %s failed", job.request.request_id)
-        return ended_by
+    def _ended(self, job: Job, error: BaseException | None) -> None:
+        self.completed += 1
+        job._end(error)

@@ -12,12 +12,13 @@ import logging
 import time
 from typing import Any, Iterator
 
-from flask import request
+from flask import current_app, request
 from jinja2 import TemplateError
 
 from ktransformers.server.engine import (PING, Engine, EngineStopped, GenerationRequest,
                                          PromptAccepted, QueueFull, is_finish)
 from ktransformers.server.errors import APIError
+from ktransformers.server.metrics import RECEIVED_AT
 from ktransformers.server.settings import ServerSettings
 from ktransformers.util.events import ContextLengthError
 from ktransformers.util.sampling import SamplingParams
@@ -85,8 +86,12 @@ class RunningJob:
     def __init__(self, engine: Engine, gen: GenerationRequest, settings: ServerSettings, ping: bool):
         self.gen = gen
         self.started = time.monotonic()
+        self.received_at = request.environ.get(RECEIVED_AT, self.started)
+        self.first_token_at: float | None = None
+        self._metrics = current_app.config.get("KT_METRICS")   # server.metrics.ServerMetrics
         self.prompt_tokens: int | None = None
         self.completion_tokens = 0
+        self.logprobs = []          # TokenLogprob of each generated token, when the request asked
         self.finish = None
         self._route = f"{request.method} {request.path}"
         try:
@@ -131,6 +136,10 @@ class RunningJob:
             self.prompt_tokens = event.prompt_tokens
         elif event is not PING and getattr(event, "token_id", None) is not None:
             self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if getattr(event, "logprob", None) is not None:
+                self.logprobs.append(event.logprob)
         return event
 
     def close(self, outcome: str = "cancelled") -> None:
@@ -141,6 +150,8 @@ class RunningJob:
         self._job = None
         self._events.close()
         wall = time.monotonic() - self.started
+        if self._metrics is not None:
+            self._metrics.generation_done(self)
         f = self.finish
         if f is not None:
             log.info("%s id=%s prompt_tokens=%d completion_tokens=%d prefill=%.3fs (%.1f tok/s) "

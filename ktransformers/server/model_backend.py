@@ -1,4 +1,5 @@
-"""The engine's generate_fn for a real model: prompt ids, context check, prefill_and_generate.
+"""The engine's generate_fn for a real model: prompt ids, context check, the sequence's steps, and the
+model passes the engine's scheduler runs (one sequence's prefill chunk, batched decode steps).
 
 Tokenizing runs on the request's thread (`ModelBackend.prepare`), the model on the engine worker.
 Clients never see control tokens (<｜Assistant｜>, <｜end▁of▁sentence｜>...): prefill_and_generate
@@ -15,7 +16,7 @@ from ktransformers.util.chat import build_prompt_ids
 from ktransformers.util.events import ContextLengthError
 from ktransformers.util.sampling import SamplingParams
 from ktransformers.util.prefix_cache import PrefixCache
-from ktransformers.util.utils import prefill_and_generate
+from ktransformers.util.utils import generation_steps
 
 # About 1.1 GB of host RAM for DeepSeek-V3's bf16 cache rows (70 KB a token), 2.3 GB in float32.
 DEFAULT_CACHE_TOKENS = 16384
@@ -39,7 +40,7 @@ class ModelBackend:
 
     def __init__(self, loaded: LoadedModel, cache_tokens: int = DEFAULT_CACHE_TOKENS):
         self.loaded = loaded
-        # one generation at a time (the engine worker), so the cache needs no lock; models without
+        # only the engine worker touches the cache (one round at a time), so it needs no lock; models without
         # a reusable cache (test stand-ins) prefill every prompt from the start
         reusable = hasattr(loaded.model, "kv_caches")
         self.prefix_cache = PrefixCache(loaded.model, cache_tokens) if cache_tokens > 0 and reusable else None
@@ -60,16 +61,26 @@ class ModelBackend:
         return self._generate(request)
 
     def _generate(self, request: GenerationRequest):
+        """The request's events and the model passes it needs (util.sequence.Forward) in its cache slot,
+        for the engine's scheduler to run."""
         if request.prompt_ids is None:
             self.prepare(request)
         ids, loaded = request.prompt_ids, self.loaded
         yield PromptAccepted(len(ids))   # lets the HTTP headers go out before the (long) prefill
         sampling = SamplingParams.from_generation_config(loaded.generation_config, **request.sampling)
-        yield from prefill_and_generate(loaded.model, loaded.tokenizer, ids, request.max_new_tokens,
-                                        sampling=sampling, stop=request.stop or None,
-                                        force_think=request.force_think,
-                                        generation_config=loaded.generation_config,
-                                        prefix_cache=self.prefix_cache)
+        reuse = None
+        if self.prefix_cache is not None:
+            reuse = lambda prompt: self.prefix_cache.prepare(prompt, request.slot)  # noqa: E731
+        yield from generation_steps(loaded.model, loaded.tokenizer, ids, request.max_new_tokens,
+                                    sampling=sampling, stop=request.stop or None, force_think=request.force_think,
+                                    generation_config=loaded.generation_config, reuse=reuse, slot=request.slot,
+                                    top_logprobs=request.top_logprobs)
+
+    def pick_slot(self, request: GenerationRequest, free_slots: list[int]) -> int:
+        """The free cache slot to run the request in: the one holding most of its prompt."""
+        if self.prefix_cache is None or request.prompt_ids is None:
+            return free_slots[0]
+        return self.prefix_cache.pick_slot(request.prompt_ids, free_slots)
 
 
 def model_generate_fn(loaded: LoadedModel, cache_tokens: int = DEFAULT_CACHE_TOKENS) -> GenerateFn:

@@ -17,6 +17,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from ktransformers.server.engine import PING, GenerationRequest, is_finish
 from ktransformers.server.errors import APIError
 from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
+from ktransformers.server.logprobs import PendingLogprobs, token_entry
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import (OllamaChatRequest, OllamaGenerateRequest, OllamaOptions,
                                           OllamaShowRequest)
@@ -43,14 +44,14 @@ def _sampling(options: OllamaOptions | None) -> dict:
     if options is None:
         return {}
     values = {"temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
-              "seed": options.seed, "presence_penalty": options.presence_penalty,
+              "min_p": options.min_p, "seed": options.seed, "presence_penalty": options.presence_penalty,
               "frequency_penalty": options.frequency_penalty, "repetition_penalty": options.repeat_penalty}
     return {k: v for k, v in values.items() if v is not None}
 
 
 def _max_new_tokens(options: OllamaOptions | None, settings) -> int:
     wanted = options.num_predict if options else None
-    return wanted if wanted is not None and wanted > 0 else settings.max_new_tokens
+    return settings.reply_limit(wanted if wanted is not None and wanted > 0 else None)
 
 
 def _formatter(think, settings) -> ReasoningFormatter:
@@ -76,7 +77,8 @@ def _loaded_reply(model: str, chat: bool):
     return jsonify(body)
 
 
-def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormatter, chat: bool, started: float):
+def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormatter, chat: bool, started: float,
+           pending: PendingLogprobs):
     """Stream NDJSON or return one object; `chat` picks message{} (chat) vs response (generate)."""
     def piece(reasoning: str, content: str) -> dict:
         if chat:
@@ -86,11 +88,19 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
             return {"message": message}
         return {"response": content, **({"thinking": reasoning} if reasoning else {})}
 
+    def logprobs(entries) -> dict:
+        return {"logprobs": [token_entry(lp) for lp in entries]} if pending.wanted else {}
+
     base = {"model": model}
     if not stream:
         reasoning, content, finish = collect(run, formatter)
-        return jsonify({**base, "created_at": _now(), **piece(reasoning, content), "done": True,
-                        **_stats(finish, started)})
+        return jsonify({**base, "created_at": _now(), **piece(reasoning, content), **logprobs(run.logprobs),
+                        "done": True, **_stats(finish, started)})
+
+    def line(reasoning: str, content: str, done: bool, **stats) -> str:
+        entries = pending.take()
+        return ndjson_line({**base, "created_at": _now(), **piece(reasoning, content),
+                            **(logprobs(entries) if entries else {}), "done": done, **stats})
 
     def lines():
         try:
@@ -98,13 +108,17 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
                 if event is PING:
                     continue
                 if is_finish(event):
+                    # what is left (a </think> closing a reply cut short) goes on its own line: clients
+                    # such as AnythingLLM stop reading at done=true, whose content is empty, as Ollama's
                     tail = formatter.finish()
-                    yield ndjson_line({**base, "created_at": _now(), **piece(*tail), "done": True,
-                                       **_stats(event, started)})
+                    if any(tail):
+                        yield line(*tail, done=False)
+                    yield line("", "", done=True, **_stats(event, started))
                     continue
+                pending.add(event)
                 reasoning, content = formatter.feed(event.reasoning, event.content)
                 if reasoning or content:
-                    yield ndjson_line({**base, "created_at": _now(), **piece(reasoning, content), "done": False})
+                    yield line(reasoning, content, done=False)
         except Exception as exc:
             yield ndjson_line({"error": generation_error(exc).message})
     return ndjson_response(lines(), run.close)
@@ -120,8 +134,10 @@ def _serve_generation(schema, chat: bool, build_request):
     body = schema.model_validate_json(request.get_data())
     if not (body.messages if chat else body.prompt):
         return _loaded_reply(settings.model_name, chat)
-    run = start_job(engine, build_request(body, settings), settings)
-    return _reply(run, settings.model_name, body.stream, _formatter(body.think, settings), chat, started)
+    gen = build_request(body, settings)
+    run = start_job(engine, gen, settings)
+    return _reply(run, settings.model_name, body.stream, _formatter(body.think, settings), chat, started,
+                  PendingLogprobs(gen.top_logprobs is not None))
 
 
 def _chat_request(body: OllamaChatRequest, settings) -> GenerationRequest:
@@ -131,7 +147,7 @@ def _chat_request(body: OllamaChatRequest, settings) -> GenerationRequest:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     return GenerationRequest(max_new_tokens=_max_new_tokens(body.options, settings), messages=messages,
                              sampling=_sampling(body.options), stop=list((body.options and body.options.stop) or []),
-                             force_think=settings.force_think)
+                             force_think=settings.force_think, top_logprobs=body.wanted_logprobs)
 
 
 def _generate_request(body: OllamaGenerateRequest, settings) -> GenerationRequest:
@@ -139,7 +155,7 @@ def _generate_request(body: OllamaGenerateRequest, settings) -> GenerationReques
         raise APIError(400, "images: this model reads text only", param="images")
     options = body.options
     common = dict(max_new_tokens=_max_new_tokens(options, settings), sampling=_sampling(options),
-                  stop=list((options and options.stop) or []))
+                  stop=list((options and options.stop) or []), top_logprobs=body.wanted_logprobs)
     if body.raw:
         return GenerationRequest(prompt=body.prompt, **common)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
@@ -202,7 +218,7 @@ def show():
     family = settings.model_family
     return jsonify({
         "license": "", "modelfile": f"FROM {settings.model_name}\n",
-        "parameters": f"num_ctx {settings.max_context}\nnum_predict {settings.max_new_tokens}",
+        "parameters": f"num_ctx {settings.max_context}\nnum_predict {settings.max_new_tokens or -1}",
         "template": "{{ .Prompt }}", "details": _details(settings),
         "model_info": {"general.architecture": family, "general.basename": settings.model_name,
                        f"{family}.context_length": settings.max_context},

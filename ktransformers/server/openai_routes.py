@@ -14,9 +14,11 @@ from flask import Blueprint, current_app, jsonify, request
 from ktransformers.server.engine import PING, GenerationRequest, is_finish
 from ktransformers.server.errors import APIError, unknown_model
 from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
+from ktransformers.server.logprobs import PendingLogprobs, chat_logprobs, completion_logprobs
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import ChatCompletionRequest, CompletionRequest, ContentPart
 from ktransformers.server.sse import SSE_DONE, SSE_PING, sse_event, sse_response
+from ktransformers.server.timings import llama_timings
 
 openai_routes = Blueprint("openai", __name__)
 
@@ -34,7 +36,8 @@ def _check_common(body) -> None:
 
 
 def _sampling(body) -> dict:
-    values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
+    values = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
+              "seed": body.seed,
               "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
               "repetition_penalty": body.repetition_penalty}
     return {k: v for k, v in values.items() if v is not None}
@@ -75,32 +78,37 @@ def chat_completions():
     messages = [{"role": "system" if m.role == "developer" else m.role,
                  "content": message_text(m.content, f"messages[{i}]")} for i, m in enumerate(body.messages)]
     gen = GenerationRequest(
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or settings.max_new_tokens,
+        max_new_tokens=settings.reply_limit(body.max_completion_tokens or body.max_tokens),
         messages=messages, sampling=_sampling(body), stop=_stop_list(body.stop),
-        force_think=settings.force_think)
+        force_think=settings.force_think, top_logprobs=body.wanted_logprobs)
     formatter = ReasoningFormatter(body.reasoning_format or settings.reasoning_format)
     run = start_job(engine, gen, settings, ping=body.stream)
     head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": settings.model_name}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    wanted = gen.top_logprobs is not None
     if body.stream:
-        return sse_response(_chat_chunks(run, head, formatter, include_usage), run.close)
+        return sse_response(_chat_chunks(run, head, formatter, include_usage, PendingLogprobs(wanted)), run.close)
     reasoning, content, finish = collect(run, formatter)
     message = {"role": "assistant", "content": content}
-    if not formatter.inline:
+    if formatter.separate:
         message["reasoning_content"] = reasoning
-    return jsonify({**head, "choices": [{"index": 0, "message": message, "logprobs": None,
+    logprobs = chat_logprobs(run.logprobs) if wanted else None
+    return jsonify({**head, "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                                  "finish_reason": finish.finish_reason}],
-                    "usage": _usage(finish)})
+                    "usage": _usage(finish), "timings": llama_timings(finish)})
 
 
-def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, include_usage: bool):
+def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, include_usage: bool,
+                 pending: PendingLogprobs):
     head = {**head, "object": "chat.completion.chunk"}
     usage_field = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict, finish_reason=None) -> str:
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        entries = pending.take()
         return sse_event({**head, **usage_field, "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+            {"index": 0, "delta": delta, "logprobs": chat_logprobs(entries) if entries else None,
+             "finish_reason": finish_reason}], **extra})
 
     def delta_of(reasoning: str, content: str) -> dict:
         delta = {}
@@ -119,11 +127,12 @@ def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, inc
                 tail = delta_of(*formatter.finish())
                 if tail:
                     yield chunk(tail)
-                yield chunk({}, event.finish_reason)
+                yield chunk({}, event.finish_reason, timings=llama_timings(event))
                 if include_usage:
                     yield sse_event({**head, "choices": [],
                                      "usage": _usage(event)})
             else:
+                pending.add(event)
                 delta = delta_of(*formatter.feed(event.reasoning, event.content))
                 if delta:
                     yield chunk(delta)
@@ -148,35 +157,45 @@ def completions():
         prompt = body.prompt
     if not prompt:
         raise APIError(400, "prompt: must not be empty", param="prompt", code="invalid_value")
-    gen = GenerationRequest(max_new_tokens=body.max_tokens or settings.max_new_tokens, prompt=prompt,
-                            sampling=_sampling(body), stop=_stop_list(body.stop))
+    gen = GenerationRequest(max_new_tokens=settings.reply_limit(body.max_tokens), prompt=prompt,
+                            sampling=_sampling(body), stop=_stop_list(body.stop), top_logprobs=body.logprobs)
     run = start_job(engine, gen, settings, ping=body.stream)
     head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": settings.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(_completion_chunks(run, head, include_usage), run.close)
+        return sse_response(_completion_chunks(run, head, include_usage, PendingLogprobs(body.logprobs is not None)),
+                            run.close)
     _, text, finish = collect(run)
-    return jsonify({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
+    logprobs = completion_logprobs(run.logprobs) if body.logprobs is not None else None
+    return jsonify({**head, "choices": [{"text": text, "index": 0, "logprobs": logprobs,
                                          "finish_reason": finish.finish_reason}],
-                    "usage": _usage(finish)})
+                    "usage": _usage(finish), "timings": llama_timings(finish)})
 
 
-def _completion_chunks(run: RunningJob, head: dict, include_usage: bool):
-    def chunk(text: str, finish_reason=None) -> str:
-        return sse_event({**head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                               "finish_reason": finish_reason}]})
+def _completion_chunks(run: RunningJob, head: dict, include_usage: bool, pending: PendingLogprobs):
+    sent_chars = 0
+
+    def chunk(text: str, finish_reason=None, **extra) -> str:
+        nonlocal sent_chars
+        entries = pending.take()
+        logprobs = completion_logprobs(entries, sent_chars) if entries else None
+        sent_chars += len(text)
+        return sse_event({**head, "choices": [{"text": text, "index": 0, "logprobs": logprobs,
+                                               "finish_reason": finish_reason}], **extra})
 
     try:
         for event in run:
             if event is PING:
                 yield SSE_PING
             elif is_finish(event):
-                yield chunk("", event.finish_reason)
+                yield chunk("", event.finish_reason, timings=llama_timings(event))
                 if include_usage:
                     yield sse_event({**head, "choices": [], "usage": _usage(event)})
-            elif event.text:
-                yield chunk(event.text)
+            else:
+                pending.add(event)
+                if event.text:
+                    yield chunk(event.text)
     except Exception as exc:
         yield sse_event(generation_error(exc).openai_body())
     yield SSE_DONE

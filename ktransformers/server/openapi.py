@@ -10,7 +10,7 @@ from ktransformers.server import response_schemas, schemas
 _REF = "#/components/schemas/{model}"
 
 # (method, path, summary, request model, {media type: response model name or None})
-_JSON, _SSE, _NDJSON = "application/json", "text/event-stream", "application/x-ndjson"
+_JSON, _SSE, _NDJSON, _TEXT = "application/json", "text/event-stream", "application/x-ndjson", "text/plain"
 ROUTES = [
     ("post", "/v1/chat/completions", "Chat completion (SSE when stream=true)", schemas.ChatCompletionRequest,
      {_JSON: "ChatCompletion", _SSE: "ChatCompletionChunk"}),
@@ -26,6 +26,7 @@ ROUTES = [
     ("get", "/api/ps", "Ollama running models", None, {_JSON: None}),
     ("get", "/api/version", "Ollama version", None, {_JSON: None}),
     ("get", "/health", "Liveness and queue state (no API key needed)", None, {_JSON: None}),
+    ("get", "/metrics", "Prometheus metrics (text exposition format)", None, {_TEXT: None}),
 ]
 
 _ERROR_SCHEMA = {
@@ -91,6 +92,8 @@ def openapi_document(model_name: str) -> dict:
         for kind, name in media.items():
             if kind in (_SSE, _NDJSON):
                 content[kind] = {"schema": _stream_schema(kind, name, error)}
+            elif kind == _TEXT:
+                content[kind] = {"schema": {"type": "string"}}
             else:
                 content[kind] = {"schema": {"$ref": _REF.format(model=name)} if name else {"type": "object"}}
         operation = {

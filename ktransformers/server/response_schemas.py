@@ -24,6 +24,43 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class Timings(BaseModel):
+    """llama.cpp's timings (server/timings.py): on the chunk with finish_reason, and on non-streamed replies."""
+
+    cache_n: int                 # prompt tokens reused from the prefix cache
+    prompt_n: int                # prompt tokens evaluated
+    prompt_ms: float
+    prompt_per_token_ms: float
+    prompt_per_second: float
+    predicted_n: int             # completion tokens
+    predicted_ms: float          # decode steps after the first token (sampled with the prefill)
+    predicted_per_token_ms: float
+    predicted_per_second: float
+
+
+class TopLogprob(BaseModel):
+    token: str              # the token's text (U+FFFD where it holds part of a character)
+    logprob: float          # the model's log-softmax, before penalties, temperature and filters
+    bytes: list[int]        # the token's exact UTF-8 bytes
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """One entry per generated token (reasoning included) whose text this choice or chunk sends."""
+
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str
@@ -33,7 +70,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None    # with logprobs: true
     finish_reason: FinishReason
 
 
@@ -44,6 +81,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    timings: Timings
 
 
 class Delta(BaseModel):
@@ -55,7 +93,7 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -68,12 +106,13 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None   # with stream_options.include_usage: null, then a last chunk with no choices
+    timings: Timings | None = None   # on the chunk carrying finish_reason
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None   # with logprobs: n
     finish_reason: FinishReason | None
 
 
@@ -86,6 +125,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: Timings | None = None   # non-streamed, or the streamed chunk carrying finish_reason
 
 
 class ModelCard(BaseModel):

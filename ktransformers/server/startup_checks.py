@@ -26,6 +26,17 @@ class StartupError(ValueError):
     """The server cannot start with these arguments; the message says which and why."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def port_number(text: str) -> int:
     """argparse type for --port: an integer in 1..65535 (waitress would wrap 99999 to another port)."""
     try:

@@ -96,6 +96,27 @@ class ScriptedGenerator:
                           prefill_tokens_per_s=prompt_tokens / 0.001, decode_tokens_per_s=count / max(elapsed, 1e-9))
 
 
+class OneTokenModel:
+    """A model for the real backend (ModelBackend, prefill_and_generate) in tests: logits that make any
+    sampler pick `token`, so only the limits end a reply; each forward waits for `go` (set by default),
+    so a test can hold the worker."""
+
+    def __init__(self, token: int, vocab_size: int, max_context: int = 256):
+        self.token, self.vocab_size, self.max_context = token, vocab_size, max_context
+        self.go = threading.Event()
+        self.go.set()
+        self.calls = 0
+
+    def __call__(self, input_ids, start_pos: int):
+        import torch   # here, so the scripted server process does not load torch
+
+        self.calls += 1
+        self.go.wait(30)
+        logits = torch.zeros(1, input_ids.shape[1], self.vocab_size)
+        logits[0, -1, self.token] = 100.0
+        return logits
+
+
 @dataclass
 class ScriptedServer:
     url: str

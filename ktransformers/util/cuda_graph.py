@@ -16,8 +16,10 @@ Dense layers are one segment, the final norm + lm_head another.
 `StaticDecoder(model, use_cuda_graph=True)`: graphs when the step's modules sit on cuda and
 `use_cuda_graph`; otherwise the same segments run eagerly (CPU-only machines, tests). Everything a
 step runs besides the routed experts and the embedding must sit on one device (`step_devices`).
-`step(token_id, position) -> float32 logits [vocab]` on the model's device. The model's cache is shared with
-`model.forward`, so prefill with the model, then decode with `step`.
+`step_batch(token_ids, positions, slots) -> float32 logits [B, vocab]` on the model's device: one token
+of each of B sequences, each in its own cache slot (the model's n_slots bound B; each B gets its own
+graphs, captured on first use); `step(token_id, position)` is the one-row step on slot 0. The cache
+is shared with `model.forward`, so prefill with the model, then decode with `step_batch`.
 """
 
 from __future__ import annotations
@@ -68,31 +70,30 @@ class StaticDecoder:
         dev, dt = self.device, self.dtype
         hidden_size = model.config.hidden_size
         pin = self.device.type == "cuda"
+        # static buffers for the largest batch (one row per cache slot); a step of n rows uses views [:n]
+        rows = self.max_batch = getattr(model, "n_slots", 1)
 
-        self.hidden = torch.zeros(1, hidden_size, device=dev, dtype=dt)
-        self.position = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.logits = torch.zeros(model.config.vocab_size, device=dev, dtype=torch.float32)
+        self.hidden = torch.zeros(rows, hidden_size, device=dev, dtype=dt)
+        self.position = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.slots = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.logits = torch.zeros(rows, model.config.vocab_size, device=dev, dtype=torch.float32)
         k = model.config.num_experts_per_tok or 1
-        self.x_moe = torch.zeros(1, hidden_size, device=dev, dtype=dt)
-        self.shared = torch.zeros(1, hidden_size, device=dev, dtype=dt)
-        self.routed_dev = torch.zeros(1, hidden_size, device=dev, dtype=torch.float32)
-        self.x_host = torch.zeros(1, hidden_size, dtype=torch.float32, pin_memory=pin)
-        self.ids_host = torch.zeros(1, k, dtype=torch.int64, pin_memory=pin)
-        self.w_host = torch.zeros(1, k, dtype=torch.float32, pin_memory=pin)
-        self.routed_host = torch.zeros(1, hidden_size, dtype=torch.float32, pin_memory=pin)
+        self.x_moe = torch.zeros(rows, hidden_size, device=dev, dtype=dt)
+        self.shared = torch.zeros(rows, hidden_size, device=dev, dtype=dt)
+        self.routed_dev = torch.zeros(rows, hidden_size, device=dev, dtype=torch.float32)
+        self.x_host = torch.zeros(rows, hidden_size, dtype=torch.float32, pin_memory=pin)
+        self.ids_host = torch.zeros(rows, k, dtype=torch.int64, pin_memory=pin)
+        self.w_host = torch.zeros(rows, k, dtype=torch.float32, pin_memory=pin)
+        self.routed_host = torch.zeros(rows, hidden_size, dtype=torch.float32, pin_memory=pin)
 
-        self.token = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.token = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.embed_table = self._device_embedding() if self.use_graphs else None
+        self.pool = None
+        self.plans = {}  # batch size -> (per-layer plan, head), captured on first use when graphs are on
 
-        self.plan = []  # per layer: ("dense", seg) or ("moe", seg_a, seg_b, seg_c, experts)
-        for layer in layers:
-            if isinstance(layer.mlp, MoE):
-                self.plan.append(("moe", self._attn_and_router(layer), self._shared(layer),
-                                  self._combine(layer), layer.mlp.experts))
-            else:
-                self.plan.append(("dense", self._dense(layer)))
-        self.head = self._head()
-        self.graphs_captured = False
+    @property
+    def graphs_captured(self) -> bool:
+        return self.use_graphs and bool(self.plans)
 
     def _device_embedding(self):
         """The token table decoded once onto the GPU (bf16: 1.8 GB for DeepSeek-V3), so a step does no
@@ -104,91 +105,105 @@ class StaticDecoder:
         rows, cols = table.shape
         return dequantize_rows(table.raw().to(self.device), table.ggml_type, rows, cols, dtype=self.dtype)
 
-    # -- segments: closures over static buffers ------------------------------------------------
-    def _attention(self, layer):
-        h = self.hidden
-        attn_out = layer.self_attn.decode_static(run(layer.input_layernorm, h), self.position)
+    # -- segments of an n-row step: closures over views of the static buffers ------------------------
+    def _segments(self, n: int):
+        """(plan, head) for steps of n rows: per layer ("dense", seg) or ("moe", seg_a, seg_b, seg_c, experts)."""
+        plan = []
+        for layer in self.model.model.layers:
+            if isinstance(layer.mlp, MoE):
+                plan.append(("moe", self._attn_and_router(layer, n), self._shared(layer, n),
+                             self._combine(layer, n), layer.mlp.experts))
+            else:
+                plan.append(("dense", self._dense(layer, n)))
+        return plan, self._head(n)
+
+    def _attention(self, layer, n):
+        h = self.hidden[:n]
+        attn_out = layer.self_attn.decode_static(run(layer.input_layernorm, h), self.position[:n], self.slots[:n])
         h.copy_(h + attn_out.to(self.device, self.dtype))
 
-    def _dense(self, layer):
+    def _dense(self, layer, n):
         def segment():
-            self._attention(layer)
-            h = self.hidden
+            self._attention(layer, n)
+            h = self.hidden[:n]
             h.copy_(h + layer.mlp(run(layer.post_attention_layernorm, h)).to(self.device, self.dtype))
         return segment
 
-    def _attn_and_router(self, layer):
+    def _attn_and_router(self, layer, n):
         def segment():
-            self._attention(layer)
-            x = run(layer.post_attention_layernorm, self.hidden)
-            self.x_moe.copy_(x)
+            self._attention(layer, n)
+            x = run(layer.post_attention_layernorm, self.hidden[:n])
+            self.x_moe[:n].copy_(x)
             ids, weights = run(layer.mlp.gate, x)
-            self.x_host.copy_(x.float(), non_blocking=True)
-            self.ids_host.copy_(ids, non_blocking=True)
-            self.w_host.copy_(weights, non_blocking=True)
+            self.x_host[:n].copy_(x.float(), non_blocking=True)
+            self.ids_host[:n].copy_(ids, non_blocking=True)
+            self.w_host[:n].copy_(weights, non_blocking=True)
         return segment
 
-    def _shared(self, layer):
+    def _shared(self, layer, n):
         shared_experts = layer.mlp.shared_experts
 
         def segment():
             if shared_experts is not None:
-                self.shared.copy_(shared_experts(self.x_moe))
+                self.shared[:n].copy_(shared_experts(self.x_moe[:n]))
         return segment
 
-    def _combine(self, layer):
+    def _combine(self, layer, n):
         scale = layer.mlp.routed_scaling_factor
         has_shared = layer.mlp.shared_experts is not None
 
         def segment():
-            self.routed_dev.copy_(self.routed_host, non_blocking=True)
-            out = self.routed_dev.to(self.dtype) * scale
+            self.routed_dev[:n].copy_(self.routed_host[:n], non_blocking=True)
+            out = self.routed_dev[:n].to(self.dtype) * scale
             if has_shared:
-                out = out + self.shared
-            self.hidden.copy_(self.hidden + out)
+                out = out + self.shared[:n]
+            self.hidden[:n].copy_(self.hidden[:n] + out)
         return segment
 
-    def _head(self):
+    def _head(self, n):
         def segment():
-            h = run(self.model.model.norm, self.hidden)
-            self.logits.copy_(run(self.model.lm_head, h).float()[0])
+            h = run(self.model.model.norm, self.hidden[:n])
+            self.logits[:n].copy_(run(self.model.lm_head, h).float())
         return segment
 
     # -- capture -----------------------------------------------------------------------------
-    def _capture(self):
-        """Warm each segment up on a side stream (as torch asks), then capture it in a shared pool."""
-        pool = torch.cuda.graph_pool_handle()
-        # the warm-up writes one cache row: use the last one and put it back afterwards
+    def _capture(self, n: int):
+        """Warm an n-row step's segments up on a side stream (as torch asks), then capture each in the
+        pool all batch sizes share (their steps never overlap)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        plan, head = self._segments(n)
+        # the warm-up writes the last row of the first n slots: save those rows and put them back afterwards
         last = self.model.max_context - 1
-        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
-        saved = [cache[last].clone() for cache in caches]
-        self.position.fill_(last)
+        caches = [layer.self_attn.kv_slots for layer in self.model.model.layers]
+        saved = [cache[:n, last].clone() for cache in caches]
+        self.position[:n].fill_(last)
+        self.slots[:n].copy_(torch.arange(n, device=self.device))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._run_eager()
+            self._run_eager(plan, head, n)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        for cache, row in zip(caches, saved):
-            cache[last].copy_(row)
+        for cache, rows in zip(caches, saved):
+            cache[:n, last].copy_(rows)
 
         def capture(fn):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=self.pool):
                 fn()
             return graph.replay
 
-        plan = []
-        for entry in self.plan:
+        captured = []
+        for entry in plan:
             if entry[0] == "dense":
-                plan.append(("dense", capture(entry[1])))
+                captured.append(("dense", capture(entry[1])))
             else:
-                plan.append(("moe", capture(entry[1]), capture(entry[2]), capture(entry[3]), entry[4]))
-        self.plan, self.head = plan, capture(self.head)
-        self.graphs_captured = True
+                captured.append(("moe", capture(entry[1]), capture(entry[2]), capture(entry[3]), entry[4]))
+        return captured, capture(head)
 
-    def _run_eager(self):
-        for entry in self.plan:
+    def _run_eager(self, plan, head, n):
+        for entry in plan:
             if entry[0] == "dense":
                 entry[1]()
             else:
@@ -196,40 +211,58 @@ class StaticDecoder:
                 entry[2]()
                 if self.device.type == "cuda":
                     torch.cuda.current_stream().synchronize()  # the pinned copies must have landed
-                self._routed(entry[4])
+                self._routed(entry[4], n)
                 entry[3]()
-        self.head()
+        head()
 
-    def _routed(self, experts):
-        self.routed_host.copy_(experts(self.x_host, self.ids_host, self.w_host))
+    def _routed(self, experts, n):
+        self.routed_host[:n].copy_(experts(self.x_host[:n], self.ids_host[:n], self.w_host[:n]))
+
+    def _plan(self, n: int):
+        if n not in self.plans:
+            self.plans[n] = self._capture(n) if self.use_graphs else self._segments(n)
+        return self.plans[n]
 
     # -- one step ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self, token_id: int, position: int, profile: dict | None = None) -> torch.Tensor:
-        """Logits [vocab] (float32, on the model's device) for `token_id` at `position`; writes that cache row.
+        """Logits [vocab] for `token_id` at `position` of slot 0: a one-row `step_batch`."""
+        return self.step_batch([token_id], [position], [0], profile)[0]
+
+    @torch.inference_mode()
+    def step_batch(self, token_ids: list[int], positions: list[int], slots: list[int],
+                   profile: dict | None = None) -> torch.Tensor:
+        """Logits [B, vocab] (float32, on the model's device): token_ids[b] at positions[b] of cache slot
+        slots[b]; writes those cache rows. Each batch size has its own CUDA graphs, captured on first use.
 
         profile: when given, adds per-part seconds ("embed", "dense", "moe_gpu", "experts",
         "combine", "head") measured with a sync after each part (slower; for breakdowns only).
         """
-        if not 0 <= position < self.model.max_context:
-            raise ValueError(f"position {position} outside the context window of {self.model.max_context} tokens")
-        if self.use_graphs and not self.graphs_captured:
-            self._capture()
+        n = len(token_ids)
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"a step takes 1 to {self.max_batch} tokens (the model's cache slots), got {n}")
+        for position in positions:
+            if not 0 <= position < self.model.max_context:
+                raise ValueError(f"position {position} outside the context window of {self.model.max_context} tokens")
+        vocab = self.model.config.vocab_size
+        for token_id in token_ids:
+            if not 0 <= token_id < vocab:
+                raise ValueError(f"token id {token_id} out of range 0..{vocab - 1}")
+        plan, head = self._plan(n)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         clock = _Clock(profile, sync)
 
-        if not 0 <= token_id < self.model.config.vocab_size:
-            raise ValueError(f"token id {token_id} out of range 0..{self.model.config.vocab_size - 1}")
+        ids = torch.tensor(token_ids, dtype=torch.int64)
         if self.embed_table is not None:
-            self.token.fill_(token_id)
-            torch.index_select(self.embed_table, 0, self.token, out=self.hidden)
+            self.token[:n].copy_(ids, non_blocking=True)
+            torch.index_select(self.embed_table, 0, self.token[:n], out=self.hidden[:n])
         else:
-            embedded = self.model.model.embed_tokens(torch.tensor([token_id]))
-            self.hidden.copy_(embedded.to(self.device, self.dtype), non_blocking=True)
-        self.position.fill_(position)
+            embedded = self.model.model.embed_tokens(ids)
+            self.hidden[:n].copy_(embedded.to(self.device, self.dtype), non_blocking=True)
+        self.position[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
+        self.slots[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
         clock.lap("embed")
         ready = torch.cuda.Event() if self.device.type == "cuda" else None
-        for entry in self.plan:
+        for entry in plan:
             if entry[0] == "dense":
                 entry[1]()
                 clock.lap("dense")
@@ -242,12 +275,12 @@ class StaticDecoder:
             clock.lap("moe_gpu")
             if ready is not None:
                 ready.synchronize()
-            self._routed(experts)
+            self._routed(experts, n)
             clock.lap("experts")
             combine()
             clock.lap("combine")
-        self.head()
-        logits = self.logits.clone()  # never hand out the static buffer itself
+        head()
+        logits = self.logits[:n].clone()  # never hand out the static buffer itself
         clock.lap("head")
         return logits
 

@@ -1,6 +1,12 @@
 """Events yielded by `prefill_and_generate` (see docs/DEVELOPING.md)."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ktransformers.util.logprobs import TokenLogprob
 
 
 class ContextLengthError(ValueError):
@@ -24,12 +30,15 @@ class TokenEvent:
     Text that was held back (an incomplete character, a possible stop-string or tag prefix)
     arrives with a later event. When generation ends on an end-of-sequence token while
     text is still held back, one last event with `token_id=None` carries it.
+    `logprob` is set only when asked for (prefill_and_generate's top_logprobs): one per generated
+    token, whether or not its text was released at this step.
     """
 
     token_id: int | None
     text: str
     reasoning: str
     content: str
+    logprob: TokenLogprob | None = None
 
 
 @dataclass(frozen=True)

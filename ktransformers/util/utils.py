@@ -6,14 +6,15 @@ in chunks, then tokens are decoded one at a time. The generator does its work on
 it is being iterated, so closing it (or dropping it) stops the model at once.
 """
 
-import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from ktransformers.util.events import ContextLengthError, FinishEvent, TokenEvent
+from ktransformers.util.logprobs import LogprobReporter
 from ktransformers.util.reasoning import THINK_OPEN, ReasoningSplitter
 from ktransformers.util.sampling import Sampler, SamplingParams
+from ktransformers.util.sequence import Forward, run_prefill, sequence_steps
 from ktransformers.util.stop_strings import StopStringMatcher
 from ktransformers.util.text_stream import IncrementalDetokenizer
 
@@ -75,6 +76,7 @@ def prefill_and_generate(
     generation_config=None,
     hide_control_tokens: bool = True,
     prefix_cache=None,
+    top_logprobs: int | None = None,
 ) -> Iterator[TokenEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
@@ -84,9 +86,24 @@ def prefill_and_generate(
     own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
     such as <｜Assistant｜> out of the text (never <think>/</think>). `prefix_cache` (a
     util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
-    earlier request left; without it the prompt is prefilled from position 0. Bad arguments raise
+    earlier request left; without it the prompt is prefilled from position 0. `top_logprobs` None
+    computes no log-probabilities; 0..20 gives each TokenEvent a `logprob` (util/logprobs.py: the
+    model's log-softmax for the chosen token and that many alternatives). Bad arguments raise
     ValueError before any model call.
     """
+    steps = generation_steps(model, tokenizer, inputs, max_new_tokens, sampling, stop, force_think, chunk_size,
+                             eos_token_ids, generation_config, hide_control_tokens, top_logprobs=top_logprobs,
+                             reuse=None if prefix_cache is None else prefix_cache.prepare)
+    return run_steps(model, steps)
+
+
+def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampling: SamplingParams | None = None,
+                     stop=None, force_think: bool = False, chunk_size: int = 512, eos_token_ids=None,
+                     generation_config=None, hide_control_tokens: bool = True, top_logprobs: int | None = None,
+                     reuse=None, slot: int = 0):
+    """prefill_and_generate's sequence as util.sequence.sequence_steps: events interleaved with the
+    model passes it needs (Forward), for a driver to run (`run_steps`, or the server's batch scheduler).
+    `reuse(prompt_ids) -> cached tokens` restores a cached prefix into the sequence's slot first."""
     prompt_ids = _as_id_list(inputs)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
@@ -101,74 +118,23 @@ def prefill_and_generate(
         eos_ids = eos_ids_for(tokenizer, generation_config or getattr(model, "generation_config", None))
     else:
         eos_ids = _ids_from(eos_token_ids)
-    stop_matcher = StopStringMatcher(stop)
-    detokenizer = IncrementalDetokenizer(tokenizer, hide_control_tokens)
-    return _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache)
+    return sequence_steps(
+        model, prompt_ids, max_new_tokens=max_new_tokens, max_context=max_context, sampler=Sampler(sampling, prompt_ids),
+        stop_matcher=StopStringMatcher(stop),
+        splitter=ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids)),
+        detokenizer=IncrementalDetokenizer(tokenizer, hide_control_tokens), chunk_size=chunk_size, eos_ids=eos_ids,
+        reporter=LogprobReporter(tokenizer, top_logprobs) if top_logprobs is not None else None,
+        reuse=reuse, slot=slot)
 
 
-def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache):
-    sampler = Sampler(sampling, prompt_ids)
-    splitter = ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids))
-    # The whole sequence (prompt + answer) must fit in the context window.
-    budget = min(max_new_tokens, max_context - len(prompt_ids))
-
-    def forward(ids: list[int], start_pos: int) -> torch.Tensor:
-        # Ids stay on the CPU: the model's embedding looks them up where its table lives.
-        with torch.inference_mode():
-            return model(torch.tensor([ids], dtype=torch.long), start_pos)[0, -1]
-
-    def event(token_id, text, final=False):
-        shown = stop_matcher.push(text)
-        if final and not stop_matcher.stopped:
-            shown += stop_matcher.flush()
-        reasoning, content = splitter.push(shown)
-        if final or stop_matcher.stopped:
-            tail_reasoning, tail_content = splitter.flush()
-            reasoning, content = reasoning + tail_reasoning, content + tail_content
-        return TokenEvent(token_id, shown, reasoning, content)
-
-    started = time.perf_counter()
-    cached = prefix_cache.prepare(prompt_ids) if prefix_cache is not None else 0
-    for start in range(cached, len(prompt_ids), chunk_size):
-        logits = forward(prompt_ids[start:start + chunk_size], start)
-    token = sampler.sample(logits)
-    prefill_seconds = time.perf_counter() - started
-
-    decode_seconds, decode_steps, completion = 0.0, 0, 0
-    finish_reason = "length"
-    while token not in eos_ids:
-        completion += 1
-        last = completion == budget
-        text = detokenizer.push(token) + (detokenizer.flush() if last else "")
-        out = event(token, text, final=last)
-        if stop_matcher.stopped:
-            finish_reason = "stop"
-            if out.text or out.reasoning or out.content:
-                yield out
-            break
-        yield out
-        if last:
-            break
-        started = time.perf_counter()
-        logits = forward([token], len(prompt_ids) + completion - 1)
-        token = sampler.sample(logits)
-        decode_seconds += time.perf_counter() - started
-        decode_steps += 1
-    else:
-        # An end-of-sequence token: release anything still held back.
-        finish_reason = "stop"
-        tail = event(None, detokenizer.flush(), final=True)
-        if tail.text or tail.reasoning or tail.content:
-            yield tail
-    yield FinishEvent(
-        finish_reason=finish_reason,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=completion,
-        prefill_seconds=prefill_seconds,
-        decode_seconds=decode_seconds,
-        prefill_tokens_per_s=(len(prompt_ids) - cached) / prefill_seconds if prefill_seconds > 0 else 0.0,
-        decode_tokens_per_s=decode_steps / decode_seconds if decode_seconds > 0 else 0.0,
-        cached_tokens=cached,
-    )
+def run_steps(model, steps) -> Iterator[TokenEvent | FinishEvent]:
+    """Drive one sequence's steps alone: run each pass it asks for, yield its events. Nothing runs
+    until iterated; closing this generator closes the steps."""
+    try:
+        for item in steps:
+            if isinstance(item, Forward):
+                run_prefill(item)
+            else:
+                yield item
+    finally:
+        steps.close()

@@ -1,0 +1,135 @@
+"""One sequence's generation as a generator that asks for model passes instead of making them.
+
+    for item in sequence_steps(model, prompt_ids, ...):
+        if isinstance(item, Forward):   # run item.ids at item.start_pos of cache slot item.slot and set
+            run_prefill(item)           # item.logits (its last token's) before asking for the next item
+        else:                           # a TokenEvent or the final FinishEvent
+            ...
+
+Sampling, stop strings, detokenizing, the reasoning split and the timings live here once; who runs
+the passes is the driver's business: util/utils.run_steps runs one sequence alone
+(prefill_and_generate), the server's scheduler runs the decode steps of many sequences as one
+batched pass (server/scheduler.py). The result rides on the Forward itself, so code that wraps the
+steps (`for item in steps: yield item`) passes requests and results through unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ktransformers.util.events import FinishEvent, TokenEvent
+
+
+@dataclass(eq=False)
+class Forward:
+    """A model pass a sequence needs: `ids` at positions start_pos.. of cache slot `slot` of `model`
+    (a prefill chunk, or one decode token); the driver sets `logits` [vocab], the last token's."""
+
+    model: Any
+    ids: list[int]
+    start_pos: int
+    slot: int
+    prefill: bool
+    logits: torch.Tensor | None = None
+
+
+def run_prefill(forward: Forward) -> None:
+    """Run one sequence's pass alone. Slot 0 is the model contract's default, so single-sequence
+    models (test stand-ins) need no slot argument."""
+    # Ids stay on the CPU: the model's embedding looks them up where its table lives.
+    ids = torch.tensor([forward.ids], dtype=torch.long)
+    with torch.inference_mode():
+        out = forward.model(ids, forward.start_pos) if forward.slot == 0 else \
+            forward.model(ids, forward.start_pos, slot=forward.slot)
+    forward.logits = out[0, -1]
+
+
+def run_decode(forwards: list[Forward]) -> None:
+    """One decode token of each of several sequences of one model, as one batched pass (one pass each
+    for models without `decode`: single-sequence stand-ins)."""
+    model = forwards[0].model
+    if not hasattr(model, "decode"):
+        for forward in forwards:
+            run_prefill(forward)
+        return
+    logits = model.decode([f.ids[0] for f in forwards], [f.start_pos for f in forwards], [f.slot for f in forwards])
+    for forward, row in zip(forwards, logits):
+        forward.logits = row
+
+
+def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_context: int, sampler, stop_matcher,
+                   splitter, detokenizer, chunk_size: int, eos_ids: set[int], reporter=None,
+                   reuse: Callable[[list[int]], int] | None = None,
+                   slot: int = 0) -> Iterator[TokenEvent | FinishEvent | Forward]:
+    """The steps of one generation (arguments checked by util.utils.generation_steps).
+
+    `reuse(prompt_ids)`, called when the steps start, restores a cached prefix into the slot and
+    returns its length; those prompt tokens are not run again. `reporter` (util/logprobs.py), when
+    given, puts each token's log-probability on its TokenEvent.
+    """
+    # The whole sequence (prompt + answer) must fit in the context window.
+    budget = min(max_new_tokens, max_context - len(prompt_ids))
+
+    def event(token_id, text, final=False, logprob=None):
+        shown = stop_matcher.push(text)
+        if final and not stop_matcher.stopped:
+            shown += stop_matcher.flush()
+        reasoning, content = splitter.push(shown)
+        if final or stop_matcher.stopped:
+            tail_reasoning, tail_content = splitter.flush()
+            reasoning, content = reasoning + tail_reasoning, content + tail_content
+        return TokenEvent(token_id, shown, reasoning, content, logprob)
+
+    started = time.perf_counter()
+    cached = reuse(prompt_ids) if reuse is not None else 0
+    for start in range(cached, len(prompt_ids), chunk_size):
+        forward = Forward(model, prompt_ids[start:start + chunk_size], start, slot, prefill=True)
+        yield forward
+    logits = forward.logits
+    token = sampler.sample(logits)
+    prefill_seconds = time.perf_counter() - started
+
+    decode_seconds, decode_steps, completion = 0.0, 0, 0
+    finish_reason = "length"
+    while token not in eos_ids:
+        completion += 1
+        last = completion == budget
+        text = detokenizer.push(token) + (detokenizer.flush() if last else "")
+        # `logits` are still those `token` was sampled from
+        out = event(token, text, final=last, logprob=reporter.entry(logits, token) if reporter else None)
+        if stop_matcher.stopped:
+            finish_reason = "stop"
+            if out.text or out.reasoning or out.content or out.logprob:
+                yield out
+            break
+        yield out
+        if last:
+            break
+        started = time.perf_counter()
+        forward = Forward(model, [token], len(prompt_ids) + completion - 1, slot, prefill=False)
+        yield forward
+        logits = forward.logits
+        token = sampler.sample(logits)
+        decode_seconds += time.perf_counter() - started
+        decode_steps += 1
+    else:
+        # An end-of-sequence token: release anything still held back.
+        finish_reason = "stop"
+        tail = event(None, detokenizer.flush(), final=True)
+        if tail.text or tail.reasoning or tail.content:
+            yield tail
+    yield FinishEvent(
+        finish_reason=finish_reason,
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=completion,
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        prefill_tokens_per_s=(len(prompt_ids) - cached) / prefill_seconds if prefill_seconds > 0 else 0.0,
+        decode_tokens_per_s=decode_steps / decode_seconds if decode_seconds > 0 else 0.0,
+        cached_tokens=cached,
+    )

@@ -1,0 +1,145 @@
+"""The engine's scheduler with a recording stand-in model: several jobs decode in one pass, a new
+job's prefill runs in chunks between the others' decode steps, a client that leaves frees its slot
+at once, a failing pass fails only its own jobs, and every stream gets exactly its own tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ktransformers.demo import demo_paths
+from ktransformers.server.engine import Engine, GenerationRequest, is_finish
+from ktransformers.util.events import TokenEvent
+from ktransformers.util.utils import generation_steps
+
+VOCAB = 600
+
+
+class CountingModel:
+    """Next token = (token + step) % VOCAB per slot, from the last token's id: whose token is whose is
+    visible. Records every pass: ("prefill", slot, n_tokens) or ("decode", slots)."""
+
+    def __init__(self, n_slots: int, max_context: int = 4096):
+        self.n_slots, self.max_context = n_slots, max_context
+        self.passes: list[tuple] = []
+        self.decodes_before_failing: int | None = None  # None: never fail
+        self.lock = threading.Lock()
+
+    def _logits(self, last_token: int, slot: int) -> torch.Tensor:
+        logits = torch.zeros(VOCAB)
+        logits[(last_token + 1 + slot) % VOCAB] = 10.0
+        return logits
+
+    def __call__(self, input_ids, start_pos, slot=0):
+        self.passes.append(("prefill", slot, input_ids.shape[1]))
+        return self._logits(int(input_ids[0, -1]), slot)[None, None]
+
+    def decode(self, token_ids, positions, slots):
+        self.passes.append(("decode", tuple(slots)))
+        if self.decodes_before_failing is not None:
+            if self.decodes_before_failing == 0:
+                raise RuntimeError("the decode pass broke")
+            self.decodes_before_failing -= 1
+        return torch.stack([self._logits(t, s) for t, s in zip(token_ids, slots)])
+
+
+class Backend:
+    """A generate_fn over CountingModel: real sequence steps (sampling, detokenizing, events)."""
+
+    def __init__(self, model, chunk_size: int = 8):
+        self.model, self.chunk_size = model, chunk_size
+        from transformers import AutoTokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(demo_paths()[0])
+        self.gate: threading.Event | None = None
+
+    def __call__(self, request: GenerationRequest):
+        if self.gate is not None:
+            self.gate.wait(5)
+        return generation_steps(self.model, self.tokenizer, request.prompt_ids, request.max_new_tokens,
+                                chunk_size=self.chunk_size, eos_token_ids=[], slot=request.slot)
+
+
+def request(prompt_len: int, first: int, max_new_tokens: int = 6) -> GenerationRequest:
+    return GenerationRequest(max_new_tokens=max_new_tokens, prompt="", prompt_ids=[first + i for i in range(prompt_len)])
+
+
+def tokens_of(job) -> list[int]:
+    return [e.token_id for e in job.events(poll_s=0.01) if isinstance(e, TokenEvent)]
+
+
+def expected_tokens(prompt_ids, slot, n):
+    out, last = [], prompt_ids[-1]
+    for _ in range(n):
+        last = (last + 1 + slot) % VOCAB
+        out.append(last)
+    return out
+
+
+def test_jobs_decode_together_and_each_gets_its_own_tokens():
+    model = CountingModel(n_slots=3)
+    backend = Backend(model)
+    backend.gate = threading.Event()  # hold the worker until all three are queued: they start together
+    engine = Engine(backend, queue_size=4, max_batch=3)
+    reqs = [request(3, 10), request(5, 100), request(4, 200)]
+    jobs = [engine.submit(r) for r in reqs]
+    backend.gate.set()
+    got = [tokens_of(job) for job in jobs]
+    for r, tokens in zip(reqs, got):
+        assert tokens == expected_tokens(r.prompt_ids, r.slot, 6)
+    assert sorted(r.slot for r in reqs) == [0, 1, 2]
+    decodes = [p for p in model.passes if p[0] == "decode"]
+    assert max(len(p[1]) for p in decodes) == 3  # one pass served all three streams
+    assert len(decodes) <= 7  # 5 decode steps each (the 6th token needs no pass), mostly shared
+    engine.stop()
+
+
+def test_a_new_prompt_prefills_in_chunks_between_the_running_streams_decode_steps():
+    model = CountingModel(n_slots=2)
+    backend = Backend(model, chunk_size=8)
+    engine = Engine(backend, queue_size=4, max_batch=2)
+    first = engine.submit(request(3, 10, max_new_tokens=100000))
+    events = first.events(poll_s=0.01)
+    next(e for e in events if isinstance(e, TokenEvent))  # the first stream is decoding
+    second = engine.submit(request(30, 300, max_new_tokens=3))  # 4 chunks of 8
+    assert tokens_of(second) == expected_tokens(second.request.prompt_ids, second.request.slot, 3)
+    first.cancel()
+    mine = [e.token_id for e in events if isinstance(e, TokenEvent)]  # what it had queued: its own tokens
+    assert mine == expected_tokens(first.request.prompt_ids, first.request.slot, len(mine) + 1)[1:]
+    chunks = [i for i, p in enumerate(model.passes) if p[0] == "prefill" and p[1] == second.request.slot]
+    assert len(chunks) == 4
+    for a, b in zip(chunks, chunks[1:]):  # the running stream decoded between consecutive chunks
+        assert any(p[0] == "decode" and first.request.slot in p[1] for p in model.passes[a + 1:b])
+    engine.stop()
+
+
+def test_a_client_that_leaves_frees_its_slot_for_the_next_request_at_once():
+    model = CountingModel(n_slots=1)
+    engine = Engine(Backend(model), queue_size=4, max_batch=1)
+    long = engine.submit(request(3, 10, max_new_tokens=100000))
+    events = long.events(poll_s=0.01)
+    next(e for e in events if isinstance(e, TokenEvent))
+    waiting = engine.submit(request(3, 50, max_new_tokens=4))
+    long.cancel()
+    assert tokens_of(waiting) == expected_tokens(waiting.request.prompt_ids, 0, 4)
+    assert long.finished.is_set() and not engine.busy
+    engine.stop()
+
+
+def test_a_failing_decode_pass_fails_its_jobs_and_the_engine_goes_on():
+    model = CountingModel(n_slots=2)
+    model.decodes_before_failing = 2
+    engine = Engine(Backend(model), queue_size=4, max_batch=2)
+    job = engine.submit(request(3, 10, max_new_tokens=50))
+    got = []
+    with pytest.raises(RuntimeError, match="decode pass broke"):
+        for event in job.events(poll_s=0.01):
+            got.append(event)
+    assert len([e for e in got if isinstance(e, TokenEvent)]) == 3  # the prefill's token and two decoded
+    model.decodes_before_failing = None
+    after = engine.submit(request(3, 70, max_new_tokens=3))
+    events = list(after.events(poll_s=0.01))
+    assert is_finish(events[-1]) and [e.token_id for e in events if isinstance(e, TokenEvent)] == \
+        expected_tokens(after.request.prompt_ids, after.request.slot, 3)
+    engine.stop()
