@@ -3,7 +3,7 @@
     python benchmarks/vs_llamacpp.py [--mix q4_k_m,ud-iq1_s] [--moe-layers 2,4] [--modes cpu,hybrid]
         [--threads N] [--prefill 128,1024,4096] [--decode 32] [--contexts 0,4096] [--reps 3]
         [--work DIR] [--llama-source DIR | --llama-source-tar FILE] [--llama-bench PATH]
-        [--llama-bench-cuda PATH] [--keep-files] [--json out.json]
+        [--llama-bench-cuda PATH] [--llama-args ARGS] [--keep-files] [--json out.json]
 
 Files: benchmarks/synthetic_model.write_gguf, DeepSeek-V3's real widths (7168 hidden, 256 experts,
 top-8) with 1 dense + N MoE layers and a tiny vocabulary, one file per --moe-layers value so the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def run_llama(binary: Path, gguf: Path, mode: str, args) -> dict[str, float]:
     """test name -> median tok/s over the repetitions, from llama-bench's JSON."""
     common = [str(binary), "-m", str(gguf), "-t", str(args.threads), "-r", str(args.reps), "-o", "json"]
     common += ["-ngl", "99", "-ot", "exps=CPU"] if mode == "hybrid" else ["-ngl", "0"]
+    common += shlex.split(args.llama_args)
     runs = [["-p", ",".join(map(str, args.prefill)), "-n", "0"]] if args.prefill else []
     runs += [["-p", "0", "-n", str(args.decode), "-d", ",".join(map(str, args.contexts))]]
     results = {}
@@ -132,6 +134,7 @@ def main(argv=None):
     p.add_argument("--llama-source-tar", help="a tarball written by ktransformers.tools.llama_cpp.pack_source")
     p.add_argument("--llama-bench", help="a CPU llama-bench to use instead of building one")
     p.add_argument("--llama-bench-cuda", help="a CUDA llama-bench to use instead of building one")
+    p.add_argument("--llama-args", default="", help="more llama-bench options, e.g. '--repack 0'")
     p.add_argument("--keep-files", action="store_true")
     p.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                    help="change a width of the files (e.g. n_routed_experts=64 where memory is short)")

@@ -84,9 +84,13 @@ def test_bad_head_linear_input_is_rejected_with_the_reason():
     mod = kernels.require()
     x, out = torch.zeros(16), torch.zeros(8)
     with pytest.raises(ValueError, match="without overlapping"):  # heads closer than a head's rows
-        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 64, out.numpy())
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 64, out.numpy(), 4)
     with pytest.raises(ValueError, match="weight: has 256 elements, needs 384"):  # a stride past the buffer
-        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 256, out.numpy())
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 256, out.numpy(), 4)
+    with pytest.raises(ValueError, match="out_ld 3 is shorter than a row"):
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 128, out.numpy(), 3)
+    with pytest.raises(ValueError, match="out: has 8 elements, needs 9"):  # rows 5 apart: (2 - 1) * 5 + 4
+        mod.head_linear(x.numpy(), 1, w.numpy(), 0, 2, 4, 8, 32, 128, out.numpy(), 5)
 
 
 def reference_attention(q, cache, value_dim, scale):
@@ -132,3 +136,29 @@ def test_float_kv_b_on_the_cpu_makes_the_reduced_dimension_contiguous():
     q_nope, latent = torch.randn(3, 4, 8), torch.randn(4, 3, 16)
     torch.testing.assert_close(kv_b.absorb_query(q_nope), torch.einsum("thn,hnc->htc", q_nope, w_uk))
     torch.testing.assert_close(kv_b.expand_values(latent), torch.einsum("htc,hvc->thv", latent, w_uv))
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["pairs", "halves"])
+@pytest.mark.parametrize("T", [1, 9])  # decode (serial); a chunk (on the pool)
+def test_mla_prepare_splits_normalizes_and_rotates(interleaved, T):
+    """Against torch: q_nope head-major, the latent RMSNorm-ed, both rope parts turned by the complex
+    rotations in either pair layout (pairs: (x0, x1), ...; halves: (x_i, x_{i + rope/2}))."""
+    H, nope, rope, kv_lora = 3, 8, 6, 16
+    gen = torch.Generator().manual_seed(T)
+    q, kv = torch.randn(T, H * (nope + rope), generator=gen), torch.randn(T, kv_lora + rope, generator=gen)
+    weight = torch.rand(kv_lora, generator=gen) + 0.5
+    rotations = torch.polar(torch.rand(T, rope // 2, generator=gen) + 0.5, torch.randn(T, rope // 2, generator=gen))
+    q_nope, query, rows = kernels.mla_prepare(q, kv, weight, 1e-6, rotations, interleaved, H, nope, rope)
+
+    def turned(x):  # x [T, ..., rope]
+        rot = rotations.view(T, *([1] * (x.dim() - 2)), rope // 2)
+        if interleaved:
+            return torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * rot).flatten(-2)
+        z = torch.complex(*x.chunk(2, dim=-1)) * rot
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    heads = q.view(T, H, nope + rope)
+    torch.testing.assert_close(q_nope, heads[..., :nope].transpose(0, 1))
+    torch.testing.assert_close(query[..., kv_lora:], turned(heads[..., nope:]).transpose(0, 1), rtol=1e-5, atol=1e-6)
+    latent = torch.nn.functional.rms_norm(kv[:, :kv_lora], (kv_lora,), eps=1e-6) * weight
+    torch.testing.assert_close(rows, torch.cat([latent, turned(kv[:, kv_lora:])], dim=-1), rtol=1e-5, atol=1e-6)

@@ -75,6 +75,26 @@ def test_native_decode_attention_equals_torch_attention(models, monkeypatch):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 
+def test_native_projection_equals_the_torch_steps(models):
+    """kernels.mla_prepare (split, latent norm, rope, head-major query) gives the torch steps' query and
+    cache rows: the same float32 arithmetic, up to rounding; for prefill chunks and single tokens."""
+    _, _, native, _ = models
+    attn = native.model.layers[0].self_attn
+    assert attn._native_project
+    xs = torch.randn(7, native.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        for start, end in ((0, 7), (5, 6)):
+            rotations = attn.rope.rotations(start, end, "cpu")
+            fast = attn._project(xs[: end - start], rotations)
+            attn._native_project = False
+            try:
+                slow = attn._project(xs[: end - start], rotations)
+            finally:
+                attn._native_project = True
+            for got, expected in zip(fast, slow):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_native_attention_stays_within_quantization_error_of_the_reference(models):
     """Layer by layer on equal inputs (whole-model logits could differ by a flipped near-tied expert): the
     native kernels quantize activations to 8 bits, ~1 % per product; prefill and decode alike."""

@@ -227,8 +227,36 @@ def head_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, heads: int
     x = x.detach().to(device="cpu", dtype=torch.float32).contiguous()
     out = torch.empty(heads, x.shape[1], out_features, dtype=torch.float32)
     mod.head_linear(x.numpy(), x.shape[1], weight_raw.numpy(), int(ggml_type), heads, out_features, in_features,
-                    row_bytes, head_stride, out.numpy())
+                    row_bytes, head_stride, out.numpy(), out_features)
     return out
+
+
+def mla_prepare(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float, rotations: torch.Tensor,
+                interleaved: bool, heads: int, nope: int, rope: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's steps between its linears and the absorbed W_UK product, in one native pass, for T tokens.
+
+    q [T, heads * (nope + rope)] (q_b_proj's output), kv [T, kv_lora + rope] (kv_a_proj_with_mqa's),
+    rotations complex64 [T, rope / 2] (RopeTable rows) -> (q_nope [H, T, nope], query [H, T, kv_lora + rope]
+    with only its rope columns written (rotated), cache rows [T, kv_lora + rope] = RMSNorm(latent) *
+    norm_weight | rotated key rope). All CPU float32.
+    """
+    mod = require()
+    T, kv_lora = kv.shape[0], kv.shape[-1] - rope
+    ok = (q.dim() == kv.dim() == 2 and q.shape == (T, heads * (nope + rope)) and kv_lora > 0
+          and tuple(norm_weight.shape) == (kv_lora,) and tuple(rotations.shape) == (T, rope // 2)
+          and q.dtype == kv.dtype == norm_weight.dtype == torch.float32 and rotations.dtype == torch.complex64
+          and q.device.type == kv.device.type == rotations.device.type == "cpu")
+    if not ok:
+        raise ValueError(f"mla_prepare: need CPU float32 q [T, {heads} * ({nope} + {rope})], kv [T, kv_lora + {rope}], "
+                         f"norm weight [kv_lora] and complex64 rotations [T, {rope // 2}]; got q {_describe(q)}, kv "
+                         f"{_describe(kv)}, weight {_describe(norm_weight)}, rotations {_describe(rotations)}")
+    q, kv, rot = q.contiguous(), kv.contiguous(), torch.view_as_real(rotations.contiguous())
+    q_nope = torch.empty(heads, T, nope)
+    query = torch.empty(heads, T, kv_lora + rope)
+    rows = torch.empty(T, kv_lora + rope)
+    mod.mla_prepare(q.numpy(), kv.numpy(), T, heads, nope, rope, kv_lora, norm_weight.contiguous().numpy(), float(eps),
+                    rot.numpy(), bool(interleaved), q_nope.numpy(), query.numpy(), rows.numpy())
+    return q_nope, query, rows
 
 
 def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, value_dim: int, scale: float) -> torch.Tensor:

@@ -68,14 +68,20 @@ class HeadWeights:
         """Weight bytes one product streams."""
         return self.heads * self.rows * row_nbytes(self.ggml_type, self.cols)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [H, T, cols] (any float dtype) -> float32 [H, T, rows]."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x [H, T, cols] (any float dtype) -> float32 [H, T, rows]; with `out` (contiguous float32
+        [H, T, width >= rows]) the products fill its first `rows` columns and `out` is returned."""
         if x.dim() != 3 or x.shape[0] != self.heads or x.shape[2] != self.cols:
             raise ValueError(f"per-head weights [{self.heads}, {self.rows}, {self.cols}] got input {tuple(x.shape)}")
         x = x.to(torch.float32).contiguous()
-        out = torch.empty(self.heads, x.shape[1], self.rows, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(self.heads, x.shape[1], self.rows, dtype=torch.float32)
+        elif out.shape[:2] != x.shape[:2] or out.shape[2] < self.rows or not out.is_contiguous() \
+                or out.dtype != torch.float32:
+            raise ValueError(f"per-head weights [{self.heads}, {self.rows}, {self.cols}] cannot write into "
+                             f"{tuple(out.shape)} {out.dtype}")
         self._kernels.head_linear(x.numpy(), x.shape[1], self._raw_np, int(self.ggml_type), self.heads, self.rows,
-                                  self.cols, self._row_bytes, self.head_stride, out.numpy())
+                                  self.cols, self._row_bytes, self.head_stride, out.numpy(), out.shape[2])
         return out
 
 

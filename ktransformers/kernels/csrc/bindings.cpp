@@ -91,20 +91,40 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
     kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
 }
 
-// Per-head linears: head h reads N rows of K at byte offset h * head_stride of w.
+// Per-head linears: head h reads N rows of K at byte offset h * head_stride of w; output row (h, t)
+// starts at out + (h * M + t) * out_ld (out_ld >= N; N: contiguous).
 void head_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t heads, int64_t N, int64_t K, int64_t row_bytes,
-                 int64_t head_stride, py::buffer out) {
+                 int64_t head_stride, py::buffer out, int64_t out_ld) {
     if (heads <= 0 || row_bytes <= 0 || head_stride < N * row_bytes || head_stride % row_bytes)
         throw py::value_error("head_linear: " + std::to_string(heads) + " heads must start whole rows apart without "
                               "overlapping: head_stride " + std::to_string(head_stride) + " bytes, a head holds " +
                               std::to_string(N) + " rows of " + std::to_string(row_bytes) + " bytes");
+    if (out_ld < N) throw py::value_error("head_linear: out_ld " + std::to_string(out_ld) + " is shorter than a row");
     kt::QuantMatrix wm = matrix(w, "weight", type, (heads - 1) * head_stride / row_bytes + N, K, row_bytes);
     wm.rows = N;  // head 0; the others follow head_stride bytes apart
     const float* xp = buffer_ptr<float>(x, "x", heads * M * K);
-    float* op = buffer_ptr<float>(out, "out", heads * M * N, true);
+    float* op = buffer_ptr<float>(out, "out", M <= 0 ? 0 : (heads * M - 1) * out_ld + N, true);
     if (M <= 0) return;
     py::gil_scoped_release release;
-    kt::head_linear(xp, M, wm, heads, head_stride, op);
+    kt::head_linear(xp, M, wm, heads, head_stride, op, out_ld);
+}
+
+void mla_prepare(py::buffer q, py::buffer kv, int64_t T, int64_t H, int64_t nope, int64_t rope, int64_t kv_lora,
+                 py::buffer norm_w, float eps, py::buffer rot, bool interleaved, py::buffer q_nope, py::buffer query,
+                 py::buffer rows) {
+    kernels_or_throw();
+    if (T < 0 || H <= 0 || nope < 0 || rope < 0 || rope % 2 || kv_lora <= 0)
+        throw py::value_error("mla_prepare: need T >= 0, H > 0, nope >= 0, an even rope >= 0 and kv_lora > 0");
+    const kt::MlaShape s{T, H, nope, rope, kv_lora};
+    const float* qp = buffer_ptr<float>(q, "q", T * H * (nope + rope));
+    const float* kvp = buffer_ptr<float>(kv, "kv", T * (kv_lora + rope));
+    const float* wp = buffer_ptr<float>(norm_w, "norm_weight", kv_lora);
+    const float* rp = buffer_ptr<float>(rot, "rotations", T * rope);
+    float* nope_out = buffer_ptr<float>(q_nope, "q_nope", H * T * nope, true);
+    float* query_out = buffer_ptr<float>(query, "query", H * T * (kv_lora + rope), true);
+    float* rows_out = buffer_ptr<float>(rows, "rows", T * (kv_lora + rope), true);
+    py::gil_scoped_release release;
+    kt::mla_prepare(s, qp, kvp, wp, eps, rp, interleaved, nope_out, query_out, rows_out);
 }
 
 void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, int64_t D, int64_t V, float scale,
@@ -187,6 +207,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("quant_linear", &quant_linear, "out[M,N] = x[M,K] @ dequant(W)[N,K]^T");
     m.def("moe_forward", &moe_forward, "fused routed experts");
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
+    m.def("mla_prepare", &mla_prepare, "MLA's split, latent norm, rope and head-major query layout before W_UK");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
     m.def("moe_route", &moe_route, "the MoE router's experts and weights from its logits");
     m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row, float32");

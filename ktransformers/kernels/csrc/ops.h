@@ -27,7 +27,19 @@ void moe_forward(const float* x, int64_t T, int64_t hidden, const int64_t* ids, 
 
 // Per-head linears: out[h, M, N] = x[h, M, K] @ W_h^T for h < heads, where `w` describes head 0
 // (N rows of K) and head h's rows start h * head_stride bytes after it (quantized or float rows).
-void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out);
+// Output row (h, t) starts at out + (h * M + t) * out_ld (out_ld <= 0: N, i.e. contiguous).
+void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out,
+                 int64_t out_ld = 0);
+
+// MLA's rows before attention, for T tokens: q [T, H, nope + rope] (q_b_proj's output) and
+// kv [T, kv_lora + rope] (kv_a_proj_with_mqa's output), rotations [T, rope / 2] as (cos, sin) pairs
+// (times the YaRN magnitude). Writes q_nope [H, T, nope] (for the absorbed W_UK product), the
+// rotated query rope part into columns kv_lora.. of query [H, T, kv_lora + rope], and the cache rows
+// [T, kv_lora + rope] = RMSNorm(latent) * norm_w | rotated key rope. `interleaved`: rope pairs are
+// (x0, x1), (x2, x3), ...; else (x_i, x_{i + rope / 2}).
+struct MlaShape { int64_t T, H, nope, rope, kv_lora; };
+void mla_prepare(const MlaShape& s, const float* q, const float* kv, const float* norm_w, float eps, const float* rot,
+                 bool interleaved, float* q_nope, float* query, float* rows);
 
 // One-token MLA attention over float32 cache rows [S, D] (first V values of a row: the latent):
 // out[h, :V] = sum_s softmax_s(scale * q[h] . cache[s]) * cache[s, :V] for q [H, D].

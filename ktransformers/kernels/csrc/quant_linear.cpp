@@ -36,14 +36,16 @@ int64_t rows_per_item(int64_t rows, int64_t tiles, int64_t row_bytes) {
 
 }  // namespace
 
-void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out) {
+void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads, int64_t head_stride, float* out,
+                 int64_t out_ld) {
+    if (out_ld <= 0) out_ld = w.rows;
     const KernelSet* k = active_kernels();
     const int64_t N = w.rows, K = w.cols;
     const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
     const int64_t most = rows_per_item(N * heads, tiles, w.row_bytes), chunks = (N + most - 1) / most;
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
     const int64_t ahead = M <= 2 ? prefetch_rows() : 0;
-    // tile_rows(row, xrow, t0, t1, o) writes o[t * N] = row . x[xrow + t] for the tokens t0..t1 of a tile.
+    // tile_rows(row, xrow, t0, t1, o) writes o[t * out_ld] = row . x[xrow + t] for the tokens t0..t1 of a tile.
     auto for_each_item = [&](auto&& tile_rows) {
         pool().run(heads * chunks * tiles, [&](int64_t item) {
             const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
@@ -52,14 +54,14 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
             const uint8_t* rows = w.data + h * head_stride;
             for (int64_t r = r0; r < r1; ++r) {
                 if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                tile_rows(rows + r * w.row_bytes, h * M, t0, t1, out + h * M * N + r);
+                tile_rows(rows + r * w.row_bytes, h * M, t0, t1, out + h * M * out_ld + r);
             }
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
         for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
-            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, x + (xrow + t) * K, K);
+            for (int64_t t = t0; t < t1; ++t) o[t * out_ld] = dot(row, x + (xrow + t) * K, K);
         });
         return;
     }
@@ -68,7 +70,7 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
     for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
         if (!multi || t1 - t0 == 1) {
-            for (int64_t t = t0; t < t1; ++t) o[t * N] = dot(row, xq.row(xrow + t), K);
+            for (int64_t t = t0; t < t1; ++t) o[t * out_ld] = dot(row, xq.row(xrow + t), K);
             return;
         }
         for (int64_t t = t0; t < t1; t += kMultiRows) {
@@ -77,12 +79,12 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
             float res[kMultiRows];
             for (int j = 0; j < nx; ++j) rows[j] = xq.row(xrow + t + j);
             multi(row, rows, nx, res, K);
-            for (int j = 0; j < nx; ++j) o[(t + j) * N] = res[j];
+            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = res[j];
         }
     });
 }
 
-void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) { head_linear(x, M, w, 1, 0, out); }
+void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) { head_linear(x, M, w, 1, 0, out, 0); }
 
 double stream_sum(const uint8_t* p, size_t n) {
     const KernelSet* k = active_kernels();
