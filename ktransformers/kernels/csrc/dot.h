@@ -38,4 +38,8 @@ using FloatRowDot = float (*)(const uint8_t* w, const float* x, int64_t n);
 
 constexpr int kMaxGGMLType = 40;
 
+// How far ahead of the block being decoded the k-quant and Q8_0 kernels prefetch their weight row,
+// in bytes (0: not at all); fixed at the first call (prefetch.cpp).
+int64_t weight_prefetch_bytes();
+
 }  // namespace kt

@@ -10,6 +10,10 @@
 
 namespace kt {
 
+// Two ways to keep weight reads in flight, tuned per vendor (the kernels' own weight_prefetch_bytes,
+// declared in dot.h, is the second): whole rows ahead, issued by the callers below, and a short
+// distance ahead inside a row, issued by the dot kernels block by block.
+//
 // Rows to prefetch ahead in decode; KT_PREFETCH_ROWS=N overrides. The default depends on the core:
 // one row on Intel (Sapphire Rapids, 16 threads: a CPU-only decode step took 12.8 ms with it, 15.4 ms
 // without), none elsewhere (Zen 4, 2 threads: a whole row's prefetches at once cost 1.6x a step).
