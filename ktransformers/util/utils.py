@@ -16,6 +16,7 @@ from ktransformers.util.reasoning import THINK_OPEN, ReasoningSplitter
 from ktransformers.util.sampling import Sampler, SamplingParams
 from ktransformers.util.stop_strings import StopStringMatcher
 from ktransformers.util.text_stream import IncrementalDetokenizer
+from ktransformers.util.tool_calls import ToolCallEvent
 
 
 def _as_id_list(inputs) -> list[int]:
@@ -75,7 +76,9 @@ def prefill_and_generate(
     generation_config=None,
     hide_control_tokens: bool = True,
     prefix_cache=None,
-) -> Iterator[TokenEvent | FinishEvent]:
+    constraint=None,
+    tool_calls=None,
+) -> Iterator[TokenEvent | ToolCallEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
     `sampling` None means greedy. `stop` is a string or list of strings. `force_think`
@@ -84,8 +87,12 @@ def prefill_and_generate(
     own `generation_config` attribute when not given). `hide_control_tokens` keeps special tokens
     such as <｜Assistant｜> out of the text (never <think>/</think>). `prefix_cache` (a
     util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
-    earlier request left; without it the prompt is prefilled from position 0. Bad arguments raise
-    ValueError before any model call.
+    earlier request left; without it the prompt is prefilled from position 0. `constraint`
+    (util/constrained.py) masks the logits before each token is sampled (`mask(logits) -> logits`)
+    and is told each token taken (`accept(token)`). `tool_calls` (a util.tool_calls.ToolCallParser)
+    takes the tokens of tool-call sections: they come out as ToolCallEvents, not text, and an answer
+    that ends after a complete call finishes with "tool_calls". Bad arguments raise ValueError
+    before any model call.
     """
     prompt_ids = _as_id_list(inputs)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -104,12 +111,22 @@ def prefill_and_generate(
     stop_matcher = StopStringMatcher(stop)
     detokenizer = IncrementalDetokenizer(tokenizer, hide_control_tokens)
     return _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache)
+                     stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache,
+                     constraint, tool_calls)
 
 
 def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, sampling,
-              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache):
+              stop_matcher, force_think, chunk_size, eos_ids, detokenizer, prefix_cache,
+              constraint, tool_calls):
     sampler = Sampler(sampling, prompt_ids)
+
+    def pick(logits: torch.Tensor) -> int:
+        if constraint is None:
+            return sampler.sample(logits)
+        token = sampler.sample(constraint.mask(logits))
+        constraint.accept(token)
+        return token
+
     splitter = ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids))
     # The whole sequence (prompt + answer) must fit in the context window.
     budget = min(max_new_tokens, max_context - len(prompt_ids))
@@ -133,32 +150,43 @@ def _generate(model, tokenizer, prompt_ids, max_new_tokens, max_context, samplin
     cached = prefix_cache.prepare(prompt_ids) if prefix_cache is not None else 0
     for start in range(cached, len(prompt_ids), chunk_size):
         logits = forward(prompt_ids[start:start + chunk_size], start)
-    token = sampler.sample(logits)
+    token = pick(logits)
     prefill_seconds = time.perf_counter() - started
 
     decode_seconds, decode_steps, completion = 0.0, 0, 0
     finish_reason = "length"
+    in_calls = False
     while token not in eos_ids:
         completion += 1
         last = completion == budget
-        text = detokenizer.push(token) + (detokenizer.flush() if last else "")
-        out = event(token, text, final=last)
-        if stop_matcher.stopped:
-            finish_reason = "stop"
-            if out.text or out.reasoning or out.content:
-                yield out
-            break
-        yield out
+        calls = tool_calls.push(token) if tool_calls is not None else None
+        if calls is not None:   # a tool-call token: the parser's, never text
+            if not in_calls:    # the text before the calls goes out first, whole
+                tail = event(None, detokenizer.flush(), final=True)
+                if tail.text or tail.reasoning or tail.content:
+                    yield tail
+            in_calls = True
+            yield from calls
+        else:
+            in_calls = False
+            text = detokenizer.push(token) + (detokenizer.flush() if last else "")
+            out = event(token, text, final=last)
+            if stop_matcher.stopped:
+                finish_reason = "stop"
+                if out.text or out.reasoning or out.content:
+                    yield out
+                break
+            yield out
         if last:
             break
         started = time.perf_counter()
         logits = forward([token], len(prompt_ids) + completion - 1)
-        token = sampler.sample(logits)
+        token = pick(logits)
         decode_seconds += time.perf_counter() - started
         decode_steps += 1
     else:
         # An end-of-sequence token: release anything still held back.
-        finish_reason = "stop"
+        finish_reason = "tool_calls" if tool_calls is not None and tool_calls.completed else "stop"
         tail = event(None, detokenizer.flush(), final=True)
         if tail.text or tail.reasoning or tail.content:
             yield tail
