@@ -31,6 +31,8 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     force_think: bool = False
+    output_rules: Any = None    # util.structured.OutputRules: tools, tool_choice, a JSON schema
+    output_plan: Any = None     # set by prepare(): their compiled grammars
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ktransformers.server.tool_schemas import OllamaTool, OllamaToolCall, ResponseFormat, Tool, ToolCall, ToolChoice
 from ktransformers.util.sampling import GREEDY_BELOW
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -40,6 +41,8 @@ class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An earlier assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="On role tool: the call this result answers")
 
 
 class StreamOptions(_Request):
@@ -67,6 +70,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     reasoning_format: ReasoningFormat | None = Field(
         None, description="deepseek: reasoning in reasoning_content; think_tags: inline <think>...</think> in content")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = Field(None, description="Default: auto with tools, none without")
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -94,6 +101,8 @@ class OllamaMessage(_Request):
     content: str = ""
     thinking: str | None = None
     images: list[str] | None = Field(None, max_length=0, description="This model reads text only: none or empty")
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
 
 
 class _OllamaGenerate(_Request):
@@ -101,12 +110,13 @@ class _OllamaGenerate(_Request):
     stream: bool = True
     options: OllamaOptions | None = None
     think: bool | str | None = Field(None, description="true/absent: reasoning in `thinking`; false: inline <think> tags")
-    format: str | dict | None = None
+    format: str | dict | None = Field(None, description='"json" or a JSON Schema: the answer is JSON valid against it')
     keep_alive: int | float | str | None = None
 
 
 class OllamaChatRequest(_OllamaGenerate):
     messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[OllamaTool] | None = Field(None, max_length=128)
 
 
 class OllamaGenerateRequest(_OllamaGenerate):
