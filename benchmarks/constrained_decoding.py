@@ -10,10 +10,12 @@ tokens added and the logits padded to 129,280 like V3's lm_head; built once, cac
 
 For each, the decode walks a valid answer token by token and times what a step adds: computing
 the allowed-token bitmask (the library), applying it to the logits (one torch op, shared) and
-advancing the matcher by the sampled token (the library). "compile" is the per-request setup:
-grammar compilation and matcher construction. The last lines time a demo-model decode step and
-the sampler on a 129,280-entry row, so the overhead can be read against them (a DeepSeek-V3
-decode step is ~150-600 ms on a workstation: README, Performance).
+advancing the matcher by the sampled token (the library). "ready" is the per-request setup:
+grammar compilation, matcher construction and the first mask. Then, on the demo vocabulary, each
+library samples `--walks` answers from random logits under the JSON schema, and the answers that
+`json.loads` or the `jsonschema` validator refuse are counted (they should be none). The last
+lines time a demo-model decode step and the sampler on a 129,280-entry row, so the overhead can
+be read against them (a DeepSeek-V3 decode step is ~150-600 ms on a workstation: README, Performance).
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import time
 from pathlib import Path
 
 import ktransformers  # noqa: F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
+import jsonschema
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ktransformers.demo import demo_paths
 from ktransformers.tools.tiny_tokenizer import BOS, CHAT_SPECIALS, DEEPSEEK_V3_SPLITS, EOS, PAD, THINK_TOKENS
-from ktransformers.util.constrained import apply_bitmask
+from ktransformers.util.constrained import Grammars, apply_bitmask
 from ktransformers.util.grammar import json_grammar, tool_calls_grammar
 from ktransformers.util.tool_format import ToolCallFormat
 
@@ -94,19 +97,15 @@ def v3_sized_tokenizer(corpus_mb: int) -> PreTrainedTokenizerFast:
 
 
 class LLGuidance:
+    """What the server uses (util/constrained.py)."""
+
     name = "llguidance"
 
     def __init__(self, tokenizer, vocab: int):
-        import llguidance
-        import llguidance.hf
-        self.llg = llguidance
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+        self.grammars = Grammars(tokenizer, vocab, {tokenizer.eos_token_id})
 
     def matcher(self, lark: str):
-        m = self.llg.LLMatcher(self.tokenizer, self.llg.LLMatcher.grammar_from_lark(lark))
-        if m.is_error():
-            raise RuntimeError(m.get_error())
-        return m
+        return self.grammars.matcher(lark)
 
     @staticmethod
     def fill(m, bitmask):
@@ -173,6 +172,30 @@ def workloads(tokenizer) -> dict[str, tuple[str, list[int]]]:
             "tool_call(30)": (tool_calls_grammar(fmt, TOOLS), encode(calls))}
 
 
+def invalid_answers(lib, lark: str, vocab: int, eos: int, decode, walks: int) -> tuple[int, int]:
+    """(answers json.loads or jsonschema refuse, walks that did not finish in 400 tokens)."""
+    from ktransformers.util.sampling import Sampler, SamplingParams
+    bad = unfinished = 0
+    for seed in range(walks):
+        m, bitmask, ids = lib.matcher(lark), torch.zeros((vocab + 31) // 32, dtype=torch.int32), []
+        sampler, generator = Sampler(SamplingParams(temperature=1.0, seed=seed)), torch.Generator().manual_seed(seed)
+        for _ in range(400):
+            lib.fill(m, bitmask)
+            token = sampler.sample(apply_bitmask(torch.randn(vocab, generator=generator) * 3, bitmask))
+            if token == eos:
+                break
+            lib.accept(m, token)
+            ids.append(token)
+        else:
+            unfinished += 1
+            continue
+        try:
+            jsonschema.validate(json.loads(decode(ids)), SCHEMA)
+        except (ValueError, jsonschema.ValidationError):
+            bad += 1
+    return bad, unfinished
+
+
 def demo_decode_ms() -> float:
     from ktransformers.models.loader import load_model
     from ktransformers.util.chat import build_prompt_ids
@@ -197,6 +220,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-mb", type=int, default=40, help="text to train the V3-sized BPE on")
     parser.add_argument("--repeat", type=int, default=5, help="walks per cell; the best is shown")
+    parser.add_argument("--walks", type=int, default=40, help="random-logit answers per library checked for validity")
     args = parser.parse_args()
     vocabs = {"demo (653)": (AutoTokenizer.from_pretrained(demo_paths()[0]), 653),
               f"V3-size ({V3_LOGITS})": (v3_sized_tokenizer(args.corpus_mb), V3_LOGITS)}
@@ -220,6 +244,13 @@ def main():
                 print(f"{vocab_name:<20}{lib.name:<12}{grammar:<15}{len(target):>7}{setup_ms[lib.name]:>9.0f}"
                       f"{best['ready'] / 1e3:>9.1f}{best['mask']:>8.1f}{best['accept']:>8.1f}{best['library']:>8.1f}"
                       f"{best['p90']:>8.1f}{best['apply']:>8.1f}")
+    tokenizer, vocab = vocabs["demo (653)"]
+    for lib_class in (LLGuidance, XGrammar):
+        lib = lib_class(tokenizer, vocab)
+        bad, unfinished = invalid_answers(lib, json_grammar(SCHEMA), vocab, tokenizer.eos_token_id,
+                                          tokenizer.decode, args.walks)
+        print(f"{lib.name}: {bad} of {args.walks - unfinished} random-logit answers are not valid JSON for the "
+              f"schema ({unfinished} did not finish in 400 tokens)")
     print(f"demo model decode step (q4_k_m, this machine): {demo_decode_ms():.2f} ms")
     print(f"sampler on a {V3_LOGITS}-entry row (temperature + top_p): {sampler_ms(V3_LOGITS):.2f} ms")
     return 0

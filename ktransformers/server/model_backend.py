@@ -63,8 +63,8 @@ class ModelBackend:
         if len(ids) >= self.max_context:
             raise ContextLengthError(len(ids), self.max_context)
         # grammars compile here, on the request thread (FieldError: the request's fault)
-        reasoning = "open" if prompt_ends_in_reasoning(self.loaded.tokenizer, ids) else "optional"
-        request.output_plan = self.structured.plan(request.output_rules, reasoning)
+        request.output_plan = self.structured.plan(request.output_rules,
+                                                   prompt_ends_in_reasoning(self.loaded.tokenizer, ids))
         request.prompt_ids = ids
 
     def __call__(self, request: GenerationRequest):
@@ -82,7 +82,7 @@ class ModelBackend:
                                         force_think=request.force_think,
                                         generation_config=loaded.generation_config,
                                         prefix_cache=self.prefix_cache,
-                                        constraint=plan.constraint() if plan else None,
+                                        constraint=plan.constraint if plan else None,
                                         tool_calls=plan.parser() if plan else None)
 
 

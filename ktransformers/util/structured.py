@@ -3,8 +3,8 @@ constraint for the sampler and a tool-call parser, for one loaded model.
 
     structured = StructuredOutput(tokenizer, vocab_size, eos_ids)        # once per model
     messages, tools = structured.prompt_messages(messages, rules)       # request thread
-    plan = structured.plan(rules, reasoning)                            # request thread: compiles
-    prefill_and_generate(..., constraint=plan.constraint(), tool_calls=plan.parser())   # worker
+    plan = structured.plan(rules, prompt_in_reasoning)                  # request thread: builds grammars
+    prefill_and_generate(..., constraint=plan.constraint, tool_calls=plan.parser())     # worker, once
 
 tool_choice "auto" leaves the model free until it emits the calls-begin token, then holds it to
 the call format and the arguments' schemas; "required" or a named function constrains from the
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from ktransformers.util.constrained import (BannedTokens, GrammarConstraint, GrammarError, Grammars,
                                             TriggeredConstraint)
-from ktransformers.util.grammar import calls_after_begin_grammar, json_grammar, tool_calls_grammar
+from ktransformers.util.grammar import Reasoning, calls_after_begin_grammar, json_grammar, tool_calls_grammar
+from ktransformers.util.reasoning import THINK_CLOSE, THINK_OPEN
 from ktransformers.util.tool_calls import ToolCallParser
 from ktransformers.util.tool_format import ToolCallFormat
 
@@ -57,13 +58,10 @@ class OutputRules:
 
 @dataclass
 class Plan:
-    """Compiled per request; `constraint()` and `parser()` give fresh state for one generation."""
+    """One request's constraint (its grammar already built) and how to make its tool-call parser."""
 
-    _make_constraint: Callable | None = None
+    constraint: object = None
     _make_parser: Callable | None = None
-
-    def constraint(self):
-        return self._make_constraint() if self._make_constraint else None
 
     def parser(self):
         return self._make_parser() if self._make_parser else None
@@ -73,12 +71,15 @@ class StructuredOutput:
     def __init__(self, tokenizer, vocab_size: int, eos_ids):
         self.tokenizer, self.vocab_size, self._eos_ids = tokenizer, vocab_size, set(eos_ids)
         self.format = ToolCallFormat.from_tokenizer(tokenizer)
+        vocab = tokenizer.get_vocab()
+        # a reasoning model may think before the constrained part (needs <think> and </think> tokens)
+        self._think = (vocab[THINK_OPEN], vocab[THINK_CLOSE]) if THINK_OPEN in vocab and THINK_CLOSE in vocab else None
         self._grammars: Grammars | None = None
         self._lock = threading.Lock()
 
     @property
     def grammars(self) -> Grammars:
-        """Built on first use: reading a 129k-token vocabulary takes about a second."""
+        """Built on first use: reading a 129k-token vocabulary takes about two seconds."""
         with self._lock:
             if self._grammars is None:
                 self._grammars = Grammars(self.tokenizer, self.vocab_size, self._eos_ids)
@@ -101,34 +102,36 @@ class StructuredOutput:
             return messages, rules.tools
         return self.format.with_tools(messages, rules.tools, rules.tool_choice), None
 
-    def plan(self, rules: OutputRules | None, reasoning: str | None) -> Plan | None:
-        """Compile what `rules` need; FieldError names the field the grammar library refused."""
+    def plan(self, rules: OutputRules | None, prompt_in_reasoning: bool = False) -> Plan | None:
+        """Build what `rules` need (`prompt_in_reasoning`: the prompt ends inside a <think> block);
+        FieldError names the field the grammar library refused."""
         if rules is None or (not rules.tools and rules.json_schema is None):
             return None
+        reasoning = Reasoning(*self._think, started=prompt_in_reasoning) if self._think else None
         fmt, vocab = self.format, self.vocab_size
         if not rules.calls_allowed:
             if rules.json_schema is not None:
-                compiled = self._compile(rules.json_param, json_grammar, rules.json_schema, reasoning)
-                return Plan(lambda: GrammarConstraint(compiled, vocab))
-            return Plan(lambda: BannedTokens([fmt.ids["calls_begin"]])) if fmt is not None else None
+                matcher = self._matcher(rules.json_param, json_grammar, rules.json_schema, reasoning)
+                return Plan(GrammarConstraint(matcher, vocab))
+            return Plan(BannedTokens([fmt.ids["calls_begin"]])) if fmt is not None else None
         if fmt is None:
             raise FieldError("tools", "this model's chat template cannot render tool calls")
         parser = lambda: ToolCallParser(self.tokenizer, fmt)  # noqa: E731
         # a named function is called once; "required" and "auto" may call several when parallel
         tools = rules.called_tools()
         parallel = rules.parallel_tool_calls and not isinstance(rules.tool_choice, dict)
-        if rules.json_schema is not None:   # compiled alone first, so a failure names the right field
-            self._compile(rules.json_param, json_grammar, rules.json_schema, reasoning)
+        if rules.json_schema is not None:   # built alone first, so a failure names the right field
+            self._matcher(rules.json_param, json_grammar, rules.json_schema, reasoning)
         if rules.tool_choice == "auto" and rules.json_schema is None:
-            compiled = self._compile("tools", calls_after_begin_grammar, fmt, tools, parallel)
-            return Plan(lambda: TriggeredConstraint(fmt.ids["calls_begin"], compiled, vocab), parser)
-        compiled = self._compile("tools", tool_calls_grammar, fmt, tools, reasoning, parallel, rules.json_schema,
-                                 rules.tool_choice == "auto")
-        return Plan(lambda: GrammarConstraint(compiled, vocab), parser)
+            matcher = self._matcher("tools", calls_after_begin_grammar, fmt, tools, parallel)
+            return Plan(TriggeredConstraint(fmt.ids["calls_begin"], matcher, vocab), parser)
+        matcher = self._matcher("tools", tool_calls_grammar, fmt, tools, reasoning, parallel, rules.json_schema,
+                                rules.tool_choice == "auto")
+        return Plan(GrammarConstraint(matcher, vocab), parser)
 
-    def _compile(self, param: str, build, *args):
-        """Build a grammar with `build(*args)` and compile it; failures name `param`."""
+    def _matcher(self, param: str, build, *args):
+        """A matcher for the grammar `build(*args)`; failures name `param`."""
         try:
-            return self.grammars.compile(build(*args))
+            return self.grammars.matcher(build(*args))
         except GrammarError as exc:
             raise FieldError(param, f"{param}: the grammar library cannot compile this schema: {exc}") from None
