@@ -1,6 +1,7 @@
 """Per-token cost of constrained decoding with xgrammar and llguidance, next to a decode step.
 
-    python benchmarks/constrained_decoding.py [--corpus-mb 40] [--repeat 5]
+    pip install xgrammar   # the comparison needs it; the server uses llguidance only
+    python benchmarks/constrained_decoding.py [--corpus-mb 40] [--repeat 5] [--walks 40]
 
 Two vocabularies: the demo model's (653 tokens) and a DeepSeek-V3-sized one (128,000 byte-level
 BPE entries trained here on the Python sources of the installed packages, with DeepSeek's special
@@ -21,6 +22,7 @@ be read against them (a DeepSeek-V3 decode step is ~150-600 ms on a workstation:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -136,6 +138,9 @@ class XGrammar:
         return m.accept_token(token)
 
 
+LIBRARIES = (LLGuidance, XGrammar) if importlib.util.find_spec("xgrammar") else (LLGuidance,)
+
+
 def walk(lib, lark: str, target: list[int], vocab: int) -> dict:
     """Compile, then mask/apply/accept along `target`: medians over the steps, in microseconds."""
     bitmask = torch.zeros((vocab + 31) // 32, dtype=torch.int32)
@@ -224,13 +229,15 @@ def main():
     args = parser.parse_args()
     vocabs = {"demo (653)": (AutoTokenizer.from_pretrained(demo_paths()[0]), 653),
               f"V3-size ({V3_LOGITS})": (v3_sized_tokenizer(args.corpus_mb), V3_LOGITS)}
+    if XGrammar not in LIBRARIES:
+        print("xgrammar is not installed (pip install xgrammar): timing llguidance alone")
     print(f"torch threads {torch.get_num_threads()}; microseconds per token, median over the answer's tokens "
           f"(best of {args.repeat} walks, the libraries interleaved); library = mask + accept")
     print(f"{'vocab':<20}{'library':<12}{'grammar':<15}{'tokens':>7}{'setup ms':>9}{'ready ms':>9}{'mask':>8}"
           f"{'accept':>8}{'library':>8}{'p90':>8}{'apply':>8}")
     for vocab_name, (tokenizer, vocab) in vocabs.items():
         libs, setup_ms = [], {}
-        for lib_class in (LLGuidance, XGrammar):
+        for lib_class in LIBRARIES:
             started = time.perf_counter()
             libs.append(lib_class(tokenizer, vocab))
             setup_ms[libs[-1].name] = (time.perf_counter() - started) * 1e3
@@ -245,7 +252,7 @@ def main():
                       f"{best['ready'] / 1e3:>9.1f}{best['mask']:>8.1f}{best['accept']:>8.1f}{best['library']:>8.1f}"
                       f"{best['p90']:>8.1f}{best['apply']:>8.1f}")
     tokenizer, vocab = vocabs["demo (653)"]
-    for lib_class in (LLGuidance, XGrammar):
+    for lib_class in LIBRARIES:
         lib = lib_class(tokenizer, vocab)
         bad, unfinished = invalid_answers(lib, json_grammar(SCHEMA), vocab, tokenizer.eos_token_id,
                                           tokenizer.decode, args.walks)
