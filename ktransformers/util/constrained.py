@@ -18,6 +18,7 @@ ms where xgrammar takes 10-250 ms, and needs no triton. The answer must always p
 from __future__ import annotations
 
 import math
+import re
 
 import llguidance
 import llguidance.hf
@@ -52,8 +53,14 @@ class Grammars:
         """A fresh matcher at the start of `lark` (GrammarError when llguidance refuses the grammar)."""
         matcher = llguidance.LLMatcher(self._tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
         if matcher.is_error():
-            raise GrammarError(matcher.get_error())
+            raise GrammarError(_reason(matcher.get_error()))
         return matcher
+
+
+def _reason(error: str) -> str:
+    """llguidance's message on one line, without its position prefix and its listing of the grammar."""
+    text = re.sub(r"^at \d+\(\d+\):\s*", "", error.strip()).split("\n   1 |")[0]
+    return " ".join(text.split())
 
 
 class GrammarConstraint:

@@ -134,4 +134,4 @@ class StructuredOutput:
         try:
             return self.grammars.matcher(build(*args))
         except GrammarError as exc:
-            raise FieldError(param, f"{param}: the grammar library cannot compile this schema: {exc}") from None
+            raise FieldError(param, f"{param}: cannot constrain the answer to it (llguidance {exc})") from None
