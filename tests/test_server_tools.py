@@ -23,6 +23,7 @@ from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.model_backend import model_generate_fn
 from ktransformers.server.settings import ServerSettings
+from ktransformers.server.testing import chat_openai_process
 from ktransformers.server.wsgi import BackgroundServer
 
 ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9999},
@@ -224,3 +225,14 @@ def test_openai_refusals_name_the_field(served, body, param):
 def test_ollama_refusals_name_the_field(served, body, message):
     status, answer = error_of(served[0], "/api/chat", {"model": "demo", "messages": QUESTION, **body})
     assert status == 400 and answer["error"].startswith(message), answer
+
+
+def test_chat_openai_demo_serves_tools():
+    """The command users run: Ollama's /api/show lists the "tools" capability, and a forced call works."""
+    with chat_openai_process("--demo", "--max_new_tokens", "200") as (port, _):
+        url = f"http://127.0.0.1:{port}"
+        assert "tools" in ollama.Client(host=url, timeout=30).show("demo").capabilities
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="demo", messages=QUESTION, tools=TOOLS, temperature=0,
+                                               tool_choice={"type": "function", "function": {"name": "add"}})
+        check_call("add", reply.choices[0].message.tool_calls[0].function.arguments)

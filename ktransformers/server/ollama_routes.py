@@ -217,7 +217,7 @@ def show():
         "template": "{{ .Prompt }}", "details": _details(settings),
         "model_info": {"general.architecture": family, "general.basename": settings.model_name,
                        f"{family}.context_length": settings.max_context},
-        "capabilities": ["completion", "thinking"],
+        "capabilities": ["completion", "thinking", *(["tools"] if settings.supports_tools else [])],
         "modified_at": _model_entry(settings)["modified_at"]})
 
 
