@@ -64,12 +64,14 @@ def test_render_call_matches_the_template(demo_tokenizer):
     assert fmt.render_calls([("get_weather", args)]) in build_prompt_text(demo_tokenizer, history)
 
 
-def test_tools_prompt_goes_after_the_system_messages(demo_tokenizer):
+def test_tools_prompt_ends_the_system_prompt(demo_tokenizer):
     fmt = ToolCallFormat.from_tokenizer(demo_tokenizer)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     out = fmt.with_tools(messages, [WEATHER], "auto")
-    assert [m["role"] for m in out] == ["system", "system", "user"] and out[0] == messages[0]
-    note = out[1]["content"]
+    assert [m["role"] for m in out] == ["system", "user"] and out[1] == messages[1]
+    assert out[0]["content"].startswith("Be brief.\n\n## Tools") and messages[0]["content"] == "Be brief."
+    assert fmt.with_tools(messages[1:], [WEATHER], "auto")[0] == {"role": "system", "content": out[0]["content"][11:]}
+    note = out[0]["content"]
     assert "### get_weather" in note and "Weather of a city" in note
     assert json.dumps(WEATHER["function"]["parameters"]) in note
     assert fmt.render_calls([("FUNCTION_NAME", '{"argument": "value"}')]) in note

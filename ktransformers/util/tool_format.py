@@ -71,14 +71,16 @@ class ToolCallFormat:
         return MARKERS["calls_begin"] + "".join(self.render_call(n, a) for n, a in calls) + MARKERS["calls_end"]
 
     def with_tools(self, messages: list[dict], tools: list[dict], tool_choice) -> list[dict]:
-        """`messages` with a system message describing `tools` (after the leading system messages)."""
+        """`messages` with `tools` described at the end of the last system message (DeepSeek's own
+        templates keep only the last one), or in a new first one when there is none."""
         if self.renders_tools:
             return messages
-        lead = 0
-        while lead < len(messages) and messages[lead]["role"] == "system":
-            lead += 1
-        note = {"role": "system", "content": self.tools_prompt(tools, tool_choice)}
-        return [*messages[:lead], note, *messages[lead:]]
+        note = self.tools_prompt(tools, tool_choice)
+        last = max((i for i, m in enumerate(messages) if m["role"] == "system"), default=None)
+        if last is None:
+            return [{"role": "system", "content": note}, *messages]
+        merged = {**messages[last], "content": f"{messages[last]['content']}\n\n{note}"}
+        return [*messages[:last], merged, *messages[last + 1:]]
 
     def tools_prompt(self, tools: list[dict], tool_choice) -> str:
         lines = ["## Tools", "", "You can call these functions. Each one is listed with what it does and "
