@@ -65,7 +65,8 @@ def serve(tokenizer, said: str):
 def served(request, tokenizer):
     fmt = ToolCallFormat.from_tokenizer(tokenizer)
     args = '{"a": 2, "b": 3}' if request.param else '{"a": "two", "b": 3.5, "c": 1}'
-    engine, server = serve(tokenizer, "<think>Use the tool.</think>I will add them." + fmt.render_calls([("add", args)]))
+    said = "<think>Use the tool.</think>I will add them." + fmt.render_calls([("add", args)])
+    engine, server = serve(tokenizer, said)
     with server as url:
         yield url, request.param
     engine.stop()

@@ -139,7 +139,8 @@ def test_json_schema_answers_validate(client):
         kwargs = dict(model="demo", messages=QUESTION, temperature=0, response_format={
             "type": "json_schema", "json_schema": {"name": "sum", "schema": schema}})
         if stream:
-            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs))
+            chunks = client.chat.completions.create(stream=True, **kwargs)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
         else:
             text = client.chat.completions.create(**kwargs).choices[0].message.content
         jsonschema.validate(json.loads(text), schema)

@@ -22,7 +22,8 @@ from ktransformers.util.utils import eos_ids_for, prefill_and_generate, prompt_e
 DEFAULT_CACHE_TOKENS = 16384
 
 
-def prompt_ids_for(loaded: LoadedModel, request: GenerationRequest, structured: StructuredOutput | None = None) -> list[int]:
+def prompt_ids_for(loaded: LoadedModel, request: GenerationRequest,
+                   structured: StructuredOutput | None = None) -> list[int]:
     if request.messages is not None:
         messages, tools = request.messages, None
         if structured is not None:   # tools described in the prompt, or handed to a template that renders them

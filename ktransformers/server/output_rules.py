@@ -103,7 +103,8 @@ def history_message(message, text: str) -> dict:
     out = {"role": "system" if message.role == "developer" else message.role, "content": text}
     if message.tool_calls:
         out["tool_calls"] = [{"id": getattr(call, "id", None) or f"call_{i}", "type": "function",
-                              "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                              "function": {"name": call.function.name,
+                                           "arguments": _arguments(call.function.arguments)}}
                              for i, call in enumerate(message.tool_calls)]
     for key in ("tool_call_id", "tool_name"):
         if getattr(message, key, None):

@@ -39,7 +39,7 @@ class OutputRules:
     """What the request asks of the answer's shape (already validated by the server's schemas)."""
 
     tools: list[dict] = field(default_factory=list)   # OpenAI function tools
-    tool_choice: str | dict = "auto"                  # auto | none | required | {"type": "function", "function": {"name"}}
+    tool_choice: str | dict = "auto"                  # auto | none | required | {"function": {"name": ...}}
     parallel_tool_calls: bool = True
     json_schema: dict | None = None                   # the answer is JSON valid against it
     json_param: str = "response_format"               # the request field that asked for JSON
