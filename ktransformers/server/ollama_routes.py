@@ -92,9 +92,10 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
     base, tool_calls = {"model": model}, ToolCalls()
     if not stream:
         reasoning, content, finish = collect(run, formatter, tool_calls)
-        reply = piece(reasoning, content)
-        if tool_calls.ollama():
-            reply["message"]["tool_calls"] = tool_calls.ollama()
+        calls = tool_calls.ollama()
+        reply = piece(reasoning, content if content.strip() or not calls else "")
+        if calls:
+            reply["message"]["tool_calls"] = calls
         return jsonify({**base, "created_at": _now(), **reply, "done": True, **_stats(finish, started)})
 
     def lines():
