@@ -182,14 +182,15 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         return fail(str(err))
     from ktransformers.server.model_backend import longest_token_chars, model_generate_fn
 
+    generate = model_generate_fn(loaded, args.cache_tokens)
     settings = ServerSettings(
         model_name=args.model_name or default_model_name(args.model_path, args.gguf_path),
         api_key=args.api_key, max_new_tokens=args.max_new_tokens, max_context=int(loaded.model.max_context),
         reasoning_format=args.reasoning_format, force_think=args.force_think, created=int(time.time()),
         max_token_chars=longest_token_chars(loaded.tokenizer), cors_origins=args.cors_origins,
-        allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host), **describe_gguf(gguf_model))
-    engine = Engine(model_generate_fn(loaded, args.cache_tokens), queue_size=args.queue_size,
-                    max_batch=loaded.model.n_slots)
+        allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host),
+        supports_tools=generate.structured.format is not None, **describe_gguf(gguf_model))
+    engine = Engine(generate, queue_size=args.queue_size, max_batch=loaded.model.n_slots)
     limits = ConnectionLimits(connection_limit=args.max_connections, channel_timeout=args.idle_timeout)
     server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets, limits=limits)
     base = f"http://{args.host}:{args.port}"

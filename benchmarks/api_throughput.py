@@ -10,7 +10,8 @@
 With --streams, each count N sends N chats at once (distinct prompts, greedy) and prints the aggregate
 decode rate (all streams' tokens after their first, over the time from the first stream's first token
 to the last token), the median stream's own decode rate, and time to first token, each against one
-lone stream.
+lone stream, and how many distinct routed experts a decode pass reads per MoE layer (its weight bytes
+grow with those, not with its tokens).
 
 Both paths use greedy decoding and the same prompt.  "decode" is the rate between the first and
 the last token (what a user watching the stream sees); "end-to-end" includes prefill.  The API
@@ -105,22 +106,46 @@ def run_stream(url: str, subject: str, max_new_tokens: int) -> dict:
     return {"sent": sent, "first": times[0], "last": times[-1], "tokens": tokens}
 
 
-def concurrency_table(url: str, counts: list[int], max_new_tokens: int) -> None:
+class ExpertReads:
+    """Counts, per routed-expert call of a decode pass (at most `max_rows` tokens), the distinct experts
+    it reads: a pass's weight bytes grow with them, not with its tokens."""
+
+    def __init__(self, model, max_rows: int):
+        self.max_rows, self.calls, self.distinct = max_rows, 0, 0
+        for name, module in model.named_modules():
+            if name.endswith(".mlp.experts"):
+                module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, inputs):
+        ids = inputs[1]
+        if ids.shape[0] <= self.max_rows:  # prefill chunks are longer
+            self.calls += 1
+            self.distinct += int(ids.unique().numel())
+
+    def take(self) -> float:
+        """Mean distinct experts per call since the last take."""
+        mean = self.distinct / self.calls if self.calls else float("nan")
+        self.calls = self.distinct = 0
+        return mean
+
+
+def concurrency_table(url: str, counts: list[int], max_new_tokens: int, reads: ExpertReads) -> None:
     rows = []
     for n in counts:
+        reads.take()
         with ThreadPoolExecutor(max_workers=n) as pool:
             streams = list(pool.map(lambda i: run_stream(url, SUBJECTS[i % len(SUBJECTS)], max_new_tokens), range(n)))
         start, end = min(s["first"] for s in streams), max(s["last"] for s in streams)
         aggregate = sum(s["tokens"] - 1 for s in streams) / (end - start)
         own = statistics.median((s["tokens"] - 1) / (s["last"] - s["first"]) for s in streams)
         ttft = [s["first"] - s["sent"] for s in streams]
-        rows.append((n, aggregate, own, statistics.median(ttft), max(ttft)))
-    lone_aggregate, lone_own = rows[0][1], rows[0][2]
+        rows.append((n, aggregate, own, statistics.median(ttft), max(ttft), reads.take()))
+    lone_aggregate, lone_own, lone_experts = rows[0][1], rows[0][2], rows[0][5]
     print(f"{'streams':>7} {'aggregate tok/s':>15} {'x 1 stream':>10} {'per stream tok/s':>16} {'of lone':>7} "
-          f"{'TTFT median / max s':>19}")
-    for n, aggregate, own, ttft_median, ttft_max in rows:
+          f"{'TTFT median / max s':>19} {'experts read per layer':>22}")
+    for n, aggregate, own, ttft_median, ttft_max, experts in rows:
         print(f"{n:>7} {aggregate:>15.2f} {aggregate / lone_aggregate:>9.2f}x {own:>16.2f} {own / lone_own:>6.0%} "
-              f"{ttft_median:>10.2f} / {ttft_max:.2f}")
+              f"{ttft_median:>10.2f} / {ttft_max:.2f} {experts:>11.1f} ({experts / lone_experts:.1f}x)")
 
 
 def load(args, max_batch: int):
@@ -159,6 +184,7 @@ def main() -> None:
     engine = Engine(model_generate_fn(loaded, cache_tokens=0), queue_size=max(8, max_batch), max_batch=max_batch)
     settings = ServerSettings(max_context=int(loaded.model.max_context))
     if args.streams:
+        reads = ExpertReads(loaded.model, max_batch)
         with BackgroundServer(create_app(engine, settings), queue_size=max(8, max_batch)) as url:
             run_stream(url, SUBJECTS[0], 8)  # warm-up: lazy paths
             with ThreadPoolExecutor(max_workers=max_batch) as pool:  # and each batch size's CUDA graphs
@@ -167,7 +193,7 @@ def main() -> None:
             print(f"model: {args.synthetic or args.gguf_path}  {device}, {torch.get_num_threads()} threads, "
                   f"max_new_tokens={args.max_new_tokens}, decode passes by size so far: "
                   f"{dict(sorted(engine.decode_batch_sizes.items()))}")
-            concurrency_table(url, args.streams, args.max_new_tokens)
+            concurrency_table(url, args.streams, args.max_new_tokens, reads)
         engine.stop()
         return
     results = {"direct": [], "api": []}

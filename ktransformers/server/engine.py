@@ -35,6 +35,8 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     force_think: bool = False
     top_logprobs: int | None = None       # None: no log-probabilities; n: each token's and n alternatives
+    output_rules: Any = None    # util.structured.OutputRules: tools, tool_choice, a JSON schema
+    output_plan: Any = None     # set by prepare(): their compiled grammars
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

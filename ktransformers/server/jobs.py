@@ -8,6 +8,7 @@ writes the one log line per request.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Iterator
@@ -20,8 +21,10 @@ from ktransformers.server.engine import (PING, Engine, EngineStopped, Generation
 from ktransformers.server.errors import APIError
 from ktransformers.server.metrics import RECEIVED_AT
 from ktransformers.server.settings import ServerSettings
+from ktransformers.server.tool_call_replies import is_tool_call
 from ktransformers.util.events import ContextLengthError
 from ktransformers.util.sampling import SamplingParams
+from ktransformers.util.structured import FieldError
 
 log = logging.getLogger("ktransformers.server")
 
@@ -57,8 +60,11 @@ def queue_full(exc: QueueFull, settings: ServerSettings) -> APIError:
 
 
 def prompt_chars(gen: GenerationRequest) -> int:
-    if gen.messages is not None:
-        return sum(len(m["content"]) for m in gen.messages)
+    if gen.messages is not None:   # tool calls in the history and tool definitions count too
+        tools = gen.output_rules.tools if gen.output_rules is not None else None
+        calls = [m["tool_calls"] for m in gen.messages if m.get("tool_calls")]
+        return (sum(len(m["content"] or "") for m in gen.messages)
+                + sum(len(json.dumps(c)) for c in calls) + (len(json.dumps(tools)) if tools else 0))
     return len(gen.prompt or "")
 
 
@@ -78,6 +84,8 @@ def prepare(engine: Engine, gen: GenerationRequest) -> None:
         engine.prepare(gen)
     except ContextLengthError as exc:
         raise generation_error(exc) from None
+    except FieldError as exc:   # e.g. tools for a template that cannot render calls, a schema the grammar refuses
+        raise APIError(400, str(exc), param=exc.param, code="invalid_value") from None
     except (ValueError, TemplateError) as exc:   # e.g. the chat template refuses this conversation
         raise APIError(400, str(exc), code="invalid_value") from None
 
@@ -174,15 +182,20 @@ def start_job(engine: Engine, gen: GenerationRequest, settings: ServerSettings, 
     return RunningJob(engine, gen, settings, ping)
 
 
-def collect(run: RunningJob, formatter=None) -> tuple[str, str, Any]:
+def collect(run: RunningJob, formatter=None, tool_calls=None) -> tuple[str, str, Any]:
     """Run a non-streaming job to the end: (reasoning, content, FinishEvent).
 
-    Without a formatter the raw text (tags included) is returned as content.
+    Without a formatter the raw text (tags included) is returned as content. Tool-call events go
+    to `tool_calls` (a server.tool_call_replies.ToolCalls).
     """
     reasoning, content = [], []
     try:
         for event in run:
             if event is PING:
+                continue
+            if is_tool_call(event):
+                if tool_calls is not None:
+                    tool_calls.add(event)
                 continue
             if formatter is None:
                 r, c = ("", "") if is_finish(event) else ("", event.text)

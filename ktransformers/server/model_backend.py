@@ -16,15 +16,20 @@ from ktransformers.util.chat import build_prompt_ids
 from ktransformers.util.events import ContextLengthError
 from ktransformers.util.sampling import SamplingParams
 from ktransformers.util.prefix_cache import PrefixCache
-from ktransformers.util.utils import generation_steps
+from ktransformers.util.structured import StructuredOutput
+from ktransformers.util.utils import eos_ids_for, generation_steps, prompt_ends_in_reasoning
 
 # About 1.1 GB of host RAM for DeepSeek-V3's bf16 cache rows (70 KB a token), 2.3 GB in float32.
 DEFAULT_CACHE_TOKENS = 16384
 
 
-def prompt_ids_for(loaded: LoadedModel, request: GenerationRequest) -> list[int]:
+def prompt_ids_for(loaded: LoadedModel, request: GenerationRequest,
+                   structured: StructuredOutput | None = None) -> list[int]:
     if request.messages is not None:
-        return build_prompt_ids(loaded.tokenizer, request.messages, request.force_think)
+        messages, tools = request.messages, None
+        if structured is not None:   # tools described in the prompt, or handed to a template that renders them
+            messages, tools = structured.prompt_messages(messages, request.output_rules)
+        return build_prompt_ids(loaded.tokenizer, messages, request.force_think, tools)
     return loaded.tokenizer.encode(request.prompt, add_special_tokens=True)
 
 
@@ -44,6 +49,10 @@ class ModelBackend:
         # a reusable cache (test stand-ins) prefill every prompt from the start
         reusable = hasattr(loaded.model, "kv_caches")
         self.prefix_cache = PrefixCache(loaded.model, cache_tokens) if cache_tokens > 0 and reusable else None
+        # grammar masks cover the lm_head's width (DeepSeek-V3: 129280, more than the tokenizer's ids)
+        vocab_size = int(getattr(loaded.config, "vocab_size", 0) or len(loaded.tokenizer))
+        self.structured = StructuredOutput(loaded.tokenizer, vocab_size,
+                                           eos_ids_for(loaded.tokenizer, loaded.generation_config))
         self._tokenizing = threading.Lock()
 
     @property
@@ -52,9 +61,12 @@ class ModelBackend:
 
     def prepare(self, request: GenerationRequest) -> None:
         with self._tokenizing:
-            ids = prompt_ids_for(self.loaded, request)
+            ids = prompt_ids_for(self.loaded, request, self.structured)
         if len(ids) >= self.max_context:
             raise ContextLengthError(len(ids), self.max_context)
+        # grammars compile here, on the request thread (FieldError: the request's fault)
+        request.output_plan = self.structured.plan(request.output_rules,
+                                                   prompt_ends_in_reasoning(self.loaded.tokenizer, ids))
         request.prompt_ids = ids
 
     def __call__(self, request: GenerationRequest):
@@ -68,13 +80,16 @@ class ModelBackend:
         ids, loaded = request.prompt_ids, self.loaded
         yield PromptAccepted(len(ids))   # lets the HTTP headers go out before the (long) prefill
         sampling = SamplingParams.from_generation_config(loaded.generation_config, **request.sampling)
+        plan = request.output_plan
         reuse = None
         if self.prefix_cache is not None:
             reuse = lambda prompt: self.prefix_cache.prepare(prompt, request.slot)  # noqa: E731
         yield from generation_steps(loaded.model, loaded.tokenizer, ids, request.max_new_tokens,
                                     sampling=sampling, stop=request.stop or None, force_think=request.force_think,
                                     generation_config=loaded.generation_config, reuse=reuse, slot=request.slot,
-                                    top_logprobs=request.top_logprobs)
+                                    top_logprobs=request.top_logprobs,
+                                    constraint=plan.constraint if plan else None,
+                                    tool_calls=plan.parser() if plan else None)
 
     def pick_slot(self, request: GenerationRequest, free_slots: list[int]) -> int:
         """The free cache slot to run the request in: the one holding most of its prompt."""

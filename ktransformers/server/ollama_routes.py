@@ -18,10 +18,12 @@ from ktransformers.server.engine import PING, GenerationRequest, is_finish
 from ktransformers.server.errors import APIError
 from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
 from ktransformers.server.logprobs import PendingLogprobs, token_entry
+from ktransformers.server.output_rules import history_message, ollama_output_rules
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import (OllamaChatRequest, OllamaGenerateRequest, OllamaOptions,
                                           OllamaShowRequest)
 from ktransformers.server.sse import ndjson_line, ndjson_response
+from ktransformers.server.tool_call_replies import ToolCalls, is_tool_call, ollama_call
 
 ollama_routes = Blueprint("ollama", __name__)
 
@@ -63,7 +65,8 @@ def _formatter(think, settings) -> ReasoningFormatter:
 
 
 def _stats(finish, started: float) -> dict:
-    return {"done_reason": finish.finish_reason, "total_duration": _ns(time.monotonic() - started),
+    reason = "stop" if finish.finish_reason == "tool_calls" else finish.finish_reason   # Ollama's word for it
+    return {"done_reason": reason, "total_duration": _ns(time.monotonic() - started),
             # as Ollama counts it: the prompt tokens evaluated, without those reused from the cache
             "load_duration": 0, "prompt_eval_count": finish.prompt_tokens - finish.cached_tokens,
             "prompt_eval_duration": _ns(finish.prefill_seconds), "eval_count": finish.completion_tokens,
@@ -91,11 +94,15 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
     def logprobs(entries) -> dict:
         return {"logprobs": [token_entry(lp) for lp in entries]} if pending.wanted else {}
 
-    base = {"model": model}
+    base, tool_calls = {"model": model}, ToolCalls()
     if not stream:
-        reasoning, content, finish = collect(run, formatter)
-        return jsonify({**base, "created_at": _now(), **piece(reasoning, content), **logprobs(run.logprobs),
-                        "done": True, **_stats(finish, started)})
+        reasoning, content, finish = collect(run, formatter, tool_calls)
+        calls = tool_calls.ollama()
+        reply = piece(reasoning, content if content.strip() or not calls else "")
+        if calls:
+            reply["message"]["tool_calls"] = calls
+        return jsonify({**base, "created_at": _now(), **reply, **logprobs(run.logprobs), "done": True,
+                        **_stats(finish, started)})
 
     def line(reasoning: str, content: str, done: bool, **stats) -> str:
         entries = pending.take()
@@ -106,6 +113,12 @@ def _reply(run: RunningJob, model: str, stream: bool, formatter: ReasoningFormat
         try:
             for event in run:
                 if event is PING:
+                    continue
+                if is_tool_call(event):   # each call goes out once it is whole
+                    call = tool_calls.add(event)
+                    if call is not None:
+                        message = {"role": "assistant", "content": "", "tool_calls": [ollama_call(call)]}
+                        yield ndjson_line({**base, "created_at": _now(), "message": message, "done": False})
                     continue
                 if is_finish(event):
                     # what is left (a </think> closing a reply cut short) goes on its own line: clients
@@ -144,10 +157,11 @@ def _chat_request(body: OllamaChatRequest, settings) -> GenerationRequest:
     for i, m in enumerate(body.messages):
         if m.images:
             raise APIError(400, f"messages[{i}].images: this model reads text only", param=f"messages[{i}].images")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    messages = [history_message(m, m.content) for m in body.messages]
     return GenerationRequest(max_new_tokens=_max_new_tokens(body.options, settings), messages=messages,
                              sampling=_sampling(body.options), stop=list((body.options and body.options.stop) or []),
-                             force_think=settings.force_think, top_logprobs=body.wanted_logprobs)
+                             force_think=settings.force_think, top_logprobs=body.wanted_logprobs,
+                             output_rules=ollama_output_rules(body))
 
 
 def _generate_request(body: OllamaGenerateRequest, settings) -> GenerationRequest:
@@ -155,7 +169,8 @@ def _generate_request(body: OllamaGenerateRequest, settings) -> GenerationReques
         raise APIError(400, "images: this model reads text only", param="images")
     options = body.options
     common = dict(max_new_tokens=_max_new_tokens(options, settings), sampling=_sampling(options),
-                  stop=list((options and options.stop) or []), top_logprobs=body.wanted_logprobs)
+                  stop=list((options and options.stop) or []), top_logprobs=body.wanted_logprobs,
+                  output_rules=ollama_output_rules(body))
     if body.raw:
         return GenerationRequest(prompt=body.prompt, **common)
     messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
@@ -222,7 +237,7 @@ def show():
         "template": "{{ .Prompt }}", "details": _details(settings),
         "model_info": {"general.architecture": family, "general.basename": settings.model_name,
                        f"{family}.context_length": settings.max_context},
-        "capabilities": ["completion", "thinking"],
+        "capabilities": ["completion", "thinking", *(["tools"] if settings.supports_tools else [])],
         "modified_at": _model_entry(settings)["modified_at"]})
 
 

@@ -7,7 +7,6 @@ only /v1/models/<id> tells a wrong name apart, with 404.
 from __future__ import annotations
 
 import time
-import uuid
 
 from flask import Blueprint, current_app, jsonify, request
 
@@ -15,10 +14,12 @@ from ktransformers.server.engine import PING, GenerationRequest, is_finish
 from ktransformers.server.errors import APIError, unknown_model
 from ktransformers.server.jobs import RunningJob, collect, generation_error, start_job
 from ktransformers.server.logprobs import PendingLogprobs, chat_logprobs, completion_logprobs
+from ktransformers.server.output_rules import history_message, openai_output_rules
 from ktransformers.server.reasoning_format import ReasoningFormatter
 from ktransformers.server.schemas import ChatCompletionRequest, CompletionRequest, ContentPart
 from ktransformers.server.sse import SSE_DONE, SSE_PING, sse_event, sse_response
 from ktransformers.server.timings import llama_timings
+from ktransformers.server.tool_call_replies import ToolCalls, is_tool_call, openai_delta
 
 openai_routes = Blueprint("openai", __name__)
 
@@ -75,12 +76,11 @@ def chat_completions():
     engine, settings = _engine_settings()
     body = ChatCompletionRequest.model_validate_json(request.get_data())
     _check_common(body)
-    messages = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": message_text(m.content, f"messages[{i}]")} for i, m in enumerate(body.messages)]
+    messages = [history_message(m, message_text(m.content, f"messages[{i}]")) for i, m in enumerate(body.messages)]
     gen = GenerationRequest(
         max_new_tokens=settings.reply_limit(body.max_completion_tokens or body.max_tokens),
         messages=messages, sampling=_sampling(body), stop=_stop_list(body.stop),
-        force_think=settings.force_think, top_logprobs=body.wanted_logprobs)
+        force_think=settings.force_think, top_logprobs=body.wanted_logprobs, output_rules=openai_output_rules(body))
     formatter = ReasoningFormatter(body.reasoning_format or settings.reasoning_format)
     run = start_job(engine, gen, settings, ping=body.stream)
     head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
@@ -89,8 +89,11 @@ def chat_completions():
     wanted = gen.top_logprobs is not None
     if body.stream:
         return sse_response(_chat_chunks(run, head, formatter, include_usage, PendingLogprobs(wanted)), run.close)
-    reasoning, content, finish = collect(run, formatter)
+    tool_calls = ToolCalls()
+    reasoning, content, finish = collect(run, formatter, tool_calls)
     message = {"role": "assistant", "content": content}
+    if tool_calls:   # as OpenAI: no text besides the calls is null content
+        message.update(content=content if content.strip() else None, tool_calls=tool_calls.openai())
     if formatter.separate:
         message["reasoning_content"] = reasoning
     logprobs = chat_logprobs(run.logprobs) if wanted else None
@@ -123,6 +126,10 @@ def _chat_chunks(run: RunningJob, head: dict, formatter: ReasoningFormatter, inc
         for event in run:
             if event is PING:
                 yield SSE_PING
+            elif is_tool_call(event):
+                delta = openai_delta(event)
+                if delta:
+                    yield chunk(delta)
             elif is_finish(event):
                 tail = delta_of(*formatter.finish())
                 if tail:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(BaseModel):
@@ -59,12 +59,22 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float]
     top_logprobs: list[dict[str, float]]
     text_offset: list[int]
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str   # JSON, valid against the function's parameters unless cut short by max_tokens
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None   # null when the reply is only tool calls
     reasoning_content: str | None = None   # absent when reasoning is inlined as <think> tags
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -84,10 +94,23 @@ class ChatCompletion(BaseModel):
     timings: Timings
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None          # in a call's first delta
+    arguments: str | None = None     # the next fragment of the JSON arguments
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None            # in a call's first delta, with type and function.name
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

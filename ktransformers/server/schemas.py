@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationIn
 
 from ktransformers.server.reasoning_format import ReasoningFormat
 from ktransformers.util.logprobs import MAX_TOP_LOGPROBS
+from ktransformers.server.tool_schemas import OllamaTool, OllamaToolCall, ResponseFormat, Tool, ToolCall, ToolChoice
 from ktransformers.util.sampling import GREEDY_BELOW
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -123,6 +124,8 @@ class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An earlier assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="On role tool: the call this result answers")
 
 
 class StreamOptions(_Request):
@@ -152,6 +155,10 @@ class ChatCompletionRequest(_Sampling, _Logprobs, _RefusedChat):
     reasoning_format: ReasoningFormat | None = Field(
         None, description="deepseek/auto: reasoning in reasoning_content; think_tags/none: inline <think>...</think> "
                           "in content; deepseek-legacy: both (llama.cpp's values)")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = Field(None, description="Default: auto with tools, none without")
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling, _RefusedCompletion):
@@ -182,6 +189,8 @@ class OllamaMessage(_Request):
     content: str = ""
     thinking: str | None = None
     images: list[str] | None = Field(None, max_length=0, description="This model reads text only: none or empty")
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
 
 
 class _OllamaGenerate(_Logprobs):
@@ -189,12 +198,13 @@ class _OllamaGenerate(_Logprobs):
     stream: bool = True
     options: OllamaOptions | None = None
     think: bool | str | None = Field(None, description="true/absent: reasoning in `thinking`; false: inline <think> tags")
-    format: str | dict | None = None
+    format: str | dict | None = Field(None, description='"json" or a JSON Schema: the answer is JSON valid against it')
     keep_alive: int | float | str | None = None
 
 
 class OllamaChatRequest(_OllamaGenerate):
     messages: list[OllamaMessage] = Field(default_factory=list)
+    tools: list[OllamaTool] | None = Field(None, max_length=128)
 
 
 class OllamaGenerateRequest(_OllamaGenerate, _RefusedOllamaGenerate):

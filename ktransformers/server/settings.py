@@ -26,6 +26,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API ("*" = any); none: no CORS headers
     allowed_hosts: tuple[str, ...] = () # Host header names accepted besides loopback ones (see host_guard)
     loopback_only: bool = True          # bound to a loopback address: refuse foreign Host headers (DNS rebinding)
+    supports_tools: bool = False        # the chat template renders tool calls (Ollama's "tools" capability)
 
     def __post_init__(self) -> None:
         if self.reasoning_format not in REASONING_FORMATS:

@@ -48,30 +48,33 @@ def normalize_messages(messages) -> list[dict]:
         if role not in ROLES:
             raise ValueError(f"{where}.role={role!r} is invalid: must be one of {list(ROLES)}")
         content = message.get("content")
-        if content is None and not (role == "assistant" and message.get("tool_calls")):
+        calls = role == "assistant" and bool(message.get("tool_calls"))
+        if content is None and not calls:
             raise ValueError(f"{where}.content is missing")
-        text = "" if content is None else _message_text(content, where)
-        if role == "assistant":
+        # DeepSeek's own templates render an assistant's tool calls only when its content is None
+        text = None if content is None else _message_text(content, where)
+        if role == "assistant" and text is not None:
             text = strip_reasoning(text)
-        normalized.append({**message, "content": text})
+        normalized.append({**message, "content": None if calls and not text else text})
     return normalized
 
 
-def build_prompt_text(tokenizer, messages, force_think: bool = False) -> str:
+def build_prompt_text(tokenizer, messages, force_think: bool = False, tools=None) -> str:
+    """`tools` go to templates that render them (util/tool_format.py decides which do)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat_template (tokenizer_config.json "
                          "'chat_template'); cannot build a chat prompt")
-    text = tokenizer.apply_chat_template(normalize_messages(messages), tokenize=False,
+    text = tokenizer.apply_chat_template(normalize_messages(messages), tools=tools, tokenize=False,
                                          add_generation_prompt=True)
     if force_think and not text.endswith(FORCED_THINK):
         text += FORCED_THINK
     return text
 
 
-def build_prompt_ids(tokenizer, messages, force_think: bool = False) -> list[int]:
+def build_prompt_ids(tokenizer, messages, force_think: bool = False, tools=None) -> list[int]:
     """Prompt ids for `messages`, ending with the assistant generation prompt.
 
     The template already writes the special tokens (begin-of-sentence), so none are added.
     """
-    text = build_prompt_text(tokenizer, messages, force_think)
+    text = build_prompt_text(tokenizer, messages, force_think, tools)
     return tokenizer.encode(text, add_special_tokens=False)

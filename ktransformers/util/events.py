@@ -49,7 +49,7 @@ class FinishEvent:
     each later forward pass. Time the consumer spends between events is not counted.
     """
 
-    finish_reason: str  # "stop" (end-of-sequence token or stop string) or "length"
+    finish_reason: str  # "stop" (end-of-sequence token or stop string), "length", or "tool_calls" (ended after a call)
     prompt_tokens: int
     completion_tokens: int
     prefill_seconds: float

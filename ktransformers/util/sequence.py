@@ -18,11 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ktransformers.util.events import FinishEvent, TokenEvent
+
+if TYPE_CHECKING:
+    from ktransformers.util.tool_calls import ToolCallEvent
 
 
 @dataclass(eq=False)
@@ -64,14 +67,23 @@ def run_decode(forwards: list[Forward]) -> None:
 
 def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_context: int, sampler, stop_matcher,
                    splitter, detokenizer, chunk_size: int, eos_ids: set[int], reporter=None,
-                   reuse: Callable[[list[int]], int] | None = None,
-                   slot: int = 0) -> Iterator[TokenEvent | FinishEvent | Forward]:
+                   constraint=None, tool_calls=None, reuse: Callable[[list[int]], int] | None = None,
+                   slot: int = 0) -> Iterator[TokenEvent | ToolCallEvent | FinishEvent | Forward]:
     """The steps of one generation (arguments checked by util.utils.generation_steps).
 
     `reuse(prompt_ids)`, called when the steps start, restores a cached prefix into the slot and
     returns its length; those prompt tokens are not run again. `reporter` (util/logprobs.py), when
-    given, puts each token's log-probability on its TokenEvent.
+    given, puts each token's log-probability on its TokenEvent. `constraint` masks the logits before
+    each draw and is told each token taken; `tool_calls` (util/tool_calls.ToolCallParser) takes the
+    tokens of tool-call sections and turns them into ToolCallEvents (see prefill_and_generate).
     """
+    def pick(logits: torch.Tensor) -> int:
+        if constraint is None:
+            return sampler.sample(logits)
+        token = sampler.sample(constraint.mask(logits))
+        constraint.accept(token)
+        return token
+
     # The whole sequence (prompt + answer) must fit in the context window.
     budget = min(max_new_tokens, max_context - len(prompt_ids))
 
@@ -91,35 +103,46 @@ def sequence_steps(model, prompt_ids: list[int], *, max_new_tokens: int, max_con
         forward = Forward(model, prompt_ids[start:start + chunk_size], start, slot, prefill=True)
         yield forward
     logits = forward.logits
-    token = sampler.sample(logits)
+    token = pick(logits)
     prefill_seconds = time.perf_counter() - started
 
     decode_seconds, decode_steps, completion = 0.0, 0, 0
     finish_reason = "length"
+    in_calls = False
     while token not in eos_ids:
         completion += 1
         last = completion == budget
-        text = detokenizer.push(token) + (detokenizer.flush() if last else "")
-        # `logits` are still those `token` was sampled from
-        out = event(token, text, final=last, logprob=reporter.entry(logits, token) if reporter else None)
-        if stop_matcher.stopped:
-            finish_reason = "stop"
-            if out.text or out.reasoning or out.content or out.logprob:
-                yield out
-            break
-        yield out
+        calls = tool_calls.push(token) if tool_calls is not None else None
+        if calls is not None:   # a tool-call token: the parser's, never text
+            if not in_calls:    # the text before the calls goes out first, whole
+                tail = event(None, detokenizer.flush(), final=True)
+                if tail.text or tail.reasoning or tail.content:
+                    yield tail
+            in_calls = True
+            yield from calls
+        else:
+            in_calls = False
+            text = detokenizer.push(token) + (detokenizer.flush() if last else "")
+            # `logits` are still those `token` was sampled from
+            out = event(token, text, final=last, logprob=reporter.entry(logits, token) if reporter else None)
+            if stop_matcher.stopped:
+                finish_reason = "stop"
+                if out.text or out.reasoning or out.content or out.logprob:
+                    yield out
+                break
+            yield out
         if last:
             break
         started = time.perf_counter()
         forward = Forward(model, [token], len(prompt_ids) + completion - 1, slot, prefill=False)
         yield forward
         logits = forward.logits
-        token = sampler.sample(logits)
+        token = pick(logits)
         decode_seconds += time.perf_counter() - started
         decode_steps += 1
     else:
         # An end-of-sequence token: release anything still held back.
-        finish_reason = "stop"
+        finish_reason = "tool_calls" if tool_calls is not None and tool_calls.completed else "stop"
         tail = event(None, detokenizer.flush(), final=True)
         if tail.text or tail.reasoning or tail.content:
             yield tail

@@ -17,6 +17,7 @@ from ktransformers.util.sampling import Sampler, SamplingParams
 from ktransformers.util.sequence import Forward, run_prefill, sequence_steps
 from ktransformers.util.stop_strings import StopStringMatcher
 from ktransformers.util.text_stream import IncrementalDetokenizer
+from ktransformers.util.tool_calls import ToolCallEvent
 
 
 def _as_id_list(inputs) -> list[int]:
@@ -77,7 +78,9 @@ def prefill_and_generate(
     hide_control_tokens: bool = True,
     prefix_cache=None,
     top_logprobs: int | None = None,
-) -> Iterator[TokenEvent | FinishEvent]:
+    constraint=None,
+    tool_calls=None,
+) -> Iterator[TokenEvent | ToolCallEvent | FinishEvent]:
     """Yield a TokenEvent per generated token, then one FinishEvent.
 
     `sampling` None means greedy. `stop` is a string or list of strings. `force_think`
@@ -88,11 +91,16 @@ def prefill_and_generate(
     util.prefix_cache.PrefixCache over this model) skips the prompt tokens whose cache rows an
     earlier request left; without it the prompt is prefilled from position 0. `top_logprobs` None
     computes no log-probabilities; 0..20 gives each TokenEvent a `logprob` (util/logprobs.py: the
-    model's log-softmax for the chosen token and that many alternatives). Bad arguments raise
-    ValueError before any model call.
+    model's log-softmax for the chosen token and that many alternatives). `constraint`
+    (util/constrained.py) masks the logits before each token is sampled (`mask(logits) -> logits`)
+    and is told each token taken (`accept(token)`). `tool_calls` (a util.tool_calls.ToolCallParser)
+    takes the tokens of tool-call sections: they come out as ToolCallEvents, not text, and an answer
+    that ends after a complete call finishes with "tool_calls". Bad arguments raise ValueError
+    before any model call.
     """
     steps = generation_steps(model, tokenizer, inputs, max_new_tokens, sampling, stop, force_think, chunk_size,
                              eos_token_ids, generation_config, hide_control_tokens, top_logprobs=top_logprobs,
+                             constraint=constraint, tool_calls=tool_calls,
                              reuse=None if prefix_cache is None else prefix_cache.prepare)
     return run_steps(model, steps)
 
@@ -100,7 +108,7 @@ def prefill_and_generate(
 def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampling: SamplingParams | None = None,
                      stop=None, force_think: bool = False, chunk_size: int = 512, eos_token_ids=None,
                      generation_config=None, hide_control_tokens: bool = True, top_logprobs: int | None = None,
-                     reuse=None, slot: int = 0):
+                     constraint=None, tool_calls=None, reuse=None, slot: int = 0):
     """prefill_and_generate's sequence as util.sequence.sequence_steps: events interleaved with the
     model passes it needs (Forward), for a driver to run (`run_steps`, or the server's batch scheduler).
     `reuse(prompt_ids) -> cached tokens` restores a cached prefix into the sequence's slot first."""
@@ -124,10 +132,10 @@ def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampli
         splitter=ReasoningSplitter(force_think or prompt_ends_in_reasoning(tokenizer, prompt_ids)),
         detokenizer=IncrementalDetokenizer(tokenizer, hide_control_tokens), chunk_size=chunk_size, eos_ids=eos_ids,
         reporter=LogprobReporter(tokenizer, top_logprobs) if top_logprobs is not None else None,
-        reuse=reuse, slot=slot)
+        constraint=constraint, tool_calls=tool_calls, reuse=reuse, slot=slot)
 
 
-def run_steps(model, steps) -> Iterator[TokenEvent | FinishEvent]:
+def run_steps(model, steps) -> Iterator[TokenEvent | ToolCallEvent | FinishEvent]:
     """Drive one sequence's steps alone: run each pass it asks for, yield its events. Nothing runs
     until iterated; closing this generator closes the steps."""
     try:
