@@ -5,12 +5,14 @@ at once, a failing pass fails only its own jobs, and every stream gets exactly i
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
 
 from ktransformers.demo import demo_paths
 from ktransformers.server.engine import Engine, GenerationRequest, is_finish
+from ktransformers.server.testing import wait_for
 from ktransformers.util.events import TokenEvent
 from ktransformers.util.utils import generation_steps
 
@@ -143,3 +145,21 @@ def test_a_failing_decode_pass_fails_its_jobs_and_the_engine_goes_on():
     assert is_finish(events[-1]) and [e.token_id for e in events if isinstance(e, TokenEvent)] == \
         expected_tokens(after.request.prompt_ids, after.request.slot, 3)
     engine.stop()
+
+
+class SlowModel(CountingModel):
+    def decode(self, token_ids, positions, slots):
+        time.sleep(0.05)
+        return super().decode(token_ids, positions, slots)
+
+
+def test_stop_gives_every_running_job_the_whole_grace():
+    """The grace is one deadline for all running jobs, not a wait on the first one only."""
+    model = SlowModel(n_slots=2)
+    engine = Engine(Backend(model), queue_size=4, max_batch=2)
+    short, long = engine.submit(request(3, 10, max_new_tokens=3)), engine.submit(request(3, 40, max_new_tokens=12))
+    wait_for(lambda: len(engine.running) == 2)
+    engine.stop(grace_s=5.0)
+    for job in (short, long):
+        events = list(job.events(poll_s=0.01))  # an EngineStopped here would raise
+        assert is_finish(events[-1]) and events[-1].completion_tokens == job.request.max_new_tokens

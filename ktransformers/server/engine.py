@@ -13,6 +13,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -207,11 +208,9 @@ class Engine:
             self._lock.notify_all()
         for job in refused:
             job._end(EngineStopped("the server is shutting down"))
-        running = self.running
-        if grace_s > 0:
-            for job in running:
-                job.finished.wait(grace_s)   # the grace is shared: they run at the same time
-                grace_s = 0.001
+        deadline = time.monotonic() + grace_s   # one grace for all: the running jobs finish side by side
+        for job in self.running:
+            job.finished.wait(max(0.0, deadline - time.monotonic()))
         for job in self.running:
             if not job.finished.is_set():
                 reason = EngineStopped("the server is shutting down; generation was stopped")
