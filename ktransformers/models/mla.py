@@ -30,8 +30,10 @@ def native_decode_attention(cache: torch.Tensor) -> bool:
 
 
 class MLAttention(nn.Module):
-    """forward(x, start_pos) for prefill chunks and eager steps; decode_static(x, position) for one-token
-    steps with the position in a device tensor (util/cuda_graph.StaticDecoder captures it as a CUDA graph).
+    """forward(x, start_pos, slot) for one sequence's prefill chunks and eager steps; forward_rows(x,
+    positions, slots) for one token of each of several sequences (a batched CPU step); decode_static(x,
+    position, slots) for the same with positions and slots in device tensors (util/cuda_graph.StaticDecoder
+    captures it as a CUDA graph). Each sequence has its own cache slot in `kv_slots`.
     """
 
     def __init__(self, cfg: DeepseekConfig, factory, prefix: str, max_context: int, rope: RopeTable,
