@@ -170,7 +170,8 @@ def test_cli_chats_with_the_tiny_model(tiny_model_dir):
 def test_sigint_during_an_answer_cancels_it_and_the_chat_goes_on(tiny_model_dir):
     command = [sys.executable, "-u", "-m", "ktransformers.local_chat", "--model_path",
                str(tiny_model_dir), "--gguf_path", str(tiny_model_dir / "model.gguf"),
-               "--max_new_tokens", "1000", "--max_context", "1024", "--temperature", "0"]
+               "--max_new_tokens", "8000", "--max_context", "8192", "--temperature", "0"]
+    # an answer of ~20 s on the tiny model: a busy CI box must not finish it before the SIGINT lands
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
     output = []
