@@ -101,3 +101,20 @@ def test_hybrid_graphed_batched_decode_equals_each_sequence_alone(tiny_model, sl
     # bfloat16: other batch shapes may round differently in the last bits, so the solo tokens are fed
     assert_batch_equals_solo(batched, solo, slots, atol=5e-2, greedy=False)
     assert len(slots) in batched.step_decoder.plans and batched.step_decoder.graphs_captured
+
+
+@pytest.mark.parametrize("quant_mix", ["f32", "q4_k_m"])
+def test_last_only_prefill_gives_the_last_logits_and_the_same_cache(tiny_model, quant_mix):
+    """forward(last_only=True), what a prefill runs: only the last token's logits, the same as a full
+    forward's last row, and the same cache rows (a decode step after each agrees)."""
+    full_model, pruned_model = (load(tiny_model, quant_mix, 1) for _ in range(2))
+    prompt = torch.tensor([PROMPTS[2]])
+    full = full_model(prompt, 0)
+    pruned = pruned_model(prompt, 0, last_only=True)
+    assert full.shape[1] == prompt.shape[1] and pruned.shape[:2] == (1, 1)
+    torch.testing.assert_close(pruned[0, 0], full[0, -1], rtol=1e-5, atol=1e-5)
+    for full_cache, pruned_cache in zip(full_model.kv_caches(), pruned_model.kv_caches()):
+        torch.testing.assert_close(pruned_cache[:prompt.shape[1]], full_cache[:prompt.shape[1]], rtol=0, atol=0)
+    step = torch.tensor([[int(full[0, -1].argmax())]])
+    torch.testing.assert_close(pruned_model(step, prompt.shape[1]), full_model(step, prompt.shape[1]), rtol=0, atol=0)
+    assert pruned_model.cached_ids == full_model.cached_ids == PROMPTS[2] + step[0].tolist()

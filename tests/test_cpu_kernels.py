@@ -180,6 +180,51 @@ def test_moe_forward_matches_reference_loop(isa, types, T, k):
     assert rel < limit, f"{types} T={T} k={k} {isa}: relative error {rel:.4g}, seeds {weights_seed} {seed}"
 
 
+@pytest.mark.parametrize("shared_types", [(G.Q4_K, G.Q4_K, G.Q6_K), (G.Q8_0, G.BF16, G.Q5_K)],
+                         ids=lambda ts: "-".join(t.name for t in ts))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_moe_forward_adds_a_shared_expert_and_scales_the_routed_sum(isa, shared_types, T):
+    """The shared expert inside the routed call (CPU decode's one native call a MoE layer) equals
+    routed_scale * routed + shared computed from the gguf-decoded weights; its own width differs."""
+    types = (G.Q4_K, G.Q4_K, G.Q6_K)
+    weights_seed, (gate, up, down), dense = expert_stacks(types)
+    seed = new_seed()
+    rng = np.random.default_rng(seed)
+    width = 768  # not the routed experts' 512
+    raws = [random_weight(shared_types[0], width, MOE_H, rng), random_weight(shared_types[1], width, MOE_H, rng),
+            random_weight(shared_types[2], MOE_H, width, rng)]
+    s_gate, s_up = (dequant64(r, t, width, MOE_H) for r, t in zip(raws[:2], shared_types[:2]))
+    s_down = dequant64(raws[2], shared_types[2], MOE_H, width)
+    x = torch.from_numpy(rng.standard_normal((T, MOE_H)).astype(np.float32))
+    ids = torch.from_numpy(np.stack([rng.permutation(MOE_E)[:4] for _ in range(T)]))
+    weights = torch.from_numpy(rng.uniform(0.1, 1.0, (T, 4)).astype(np.float32))
+    shared = (torch.from_numpy(raws[0]), shared_types[0], torch.from_numpy(raws[1]), shared_types[1],
+              torch.from_numpy(raws[2]), shared_types[2], width)
+    y = kernels.moe_forward(x, ids, weights, gate, types[0], up, types[1], down, types[2], MOE_E, MOE_H, MOE_I,
+                            routed_scale=2.5, shared=shared)
+    xd = x.double()
+    ref = 2.5 * moe_reference(xd, ids, weights, *dense)
+    ref += (torch.nn.functional.silu(xd @ s_gate.T) * (xd @ s_up.T)) @ s_down.T
+    rel = ((y.double() - ref).norm(dim=1) / ref.norm(dim=1)).max()
+    assert rel < 0.03, f"{shared_types} T={T} {isa}: relative error {rel:.4g}, seeds {weights_seed} {seed}"
+    # and it is the sum of the two separate native calls, up to float32 summation order
+    routed = kernels.moe_forward(x, ids, weights, gate, types[0], up, types[1], down, types[2], MOE_E, MOE_H, MOE_I)
+    alone = kernels.moe_forward(x, torch.zeros(T, 1, dtype=torch.long), torch.zeros(T, 1), gate, types[0], up,
+                                types[1], down, types[2], MOE_E, MOE_H, MOE_I, shared=shared)
+    torch.testing.assert_close(y, 2.5 * routed + alone, rtol=1e-4, atol=1e-4 * float(y.abs().max()))
+
+
+def test_moe_forward_rejects_a_shared_expert_of_the_wrong_shape():
+    rng = np.random.default_rng(new_seed())
+    E, H, I = 4, 256, 256
+    gate = torch.from_numpy(random_weight(G.Q8_0, E * I, H, rng))
+    down = torch.from_numpy(random_weight(G.Q8_0, E * H, I, rng))
+    small = torch.from_numpy(random_weight(G.Q8_0, 64, H, rng))  # 64 rows: not the 128 the width says
+    with pytest.raises(ValueError, match="shared gate"):
+        kernels.moe_forward(torch.zeros(1, H), torch.tensor([[1]]), torch.ones(1, 1), gate, "Q8_0", gate, "Q8_0",
+                            down, "Q8_0", E, H, I, shared=(small, "Q8_0", small, "Q8_0", small, "Q8_0", 128))
+
+
 def test_moe_forward_rejects_bad_expert_ids():
     rng = np.random.default_rng(new_seed())
     E, H, I = 4, 256, 256

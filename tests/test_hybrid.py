@@ -54,10 +54,13 @@ def test_overlapped_moe_runs_routed_experts_on_a_worker_and_equals_sequential(ti
     threads = []
     moe.experts.register_forward_pre_hook(lambda m, a: threads.append(threading.current_thread()))
     with torch.inference_mode():
+        fused = moe(x)  # the CPU rules' one native call for routed + shared experts
+        moe._fused_shared = None  # the same experts as separate calls: what OverlappedMoE runs
         expected = moe(x)
         got = OverlappedMoE(moe)(x)
-    assert threads[0] is threading.main_thread() and threads[1] is not threading.main_thread()
+    assert threads[1] is threading.main_thread() and threads[2] is not threading.main_thread()
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)  # float32 summation order only
 
 
 def test_overlapped_moe_sends_long_chunks_to_the_prefill_experts(tiny_model):
@@ -68,6 +71,7 @@ def test_overlapped_moe_sends_long_chunks_to_the_prefill_experts(tiny_model):
     calls = []
     moe.experts.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    moe._fused_shared = None  # separate calls, as OverlappedMoE makes them
     with torch.inference_mode():
         expected, expected_short = moe(x), moe(x[:3])
         got_long, got_short = overlapped(x), overlapped(x[:3])
@@ -118,7 +122,11 @@ def test_host_staging_reuses_one_buffer_per_role_and_grows_it():
 
 def test_enable_overlap_keeps_the_logits(tiny_model):
     model = load(tiny_model, cuda=False)
+    fused = model(PROMPT, 0)
+    for layer in moe_layers(model):
+        layer.mlp._fused_shared = None  # overlapping keeps the shared experts apart: compare like with like
     expected = model(PROMPT, 0)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=0.05)  # float32 summation order, through the layers
     assert enable_overlap(model) == len(moe_layers(model)) > 0
     assert all(isinstance(layer.mlp, OverlappedMoE) for layer in moe_layers(model))
     torch.testing.assert_close(model(PROMPT, 0), expected, rtol=0, atol=0)

@@ -168,8 +168,11 @@ def quant_linear(x: torch.Tensor, weight_raw: torch.Tensor, ggml_type, out_featu
 
 def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 gate_raw: torch.Tensor, gate_type, up_raw: torch.Tensor, up_type,
-                down_raw: torch.Tensor, down_type, n_experts: int, hidden: int, intermediate: int) -> torch.Tensor:
-    """Routed experts: out[t] = sum_j w[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,j].
+                down_raw: torch.Tensor, down_type, n_experts: int, hidden: int, intermediate: int,
+                routed_scale: float = 1.0, shared: tuple | None = None) -> torch.Tensor:
+    """Routed experts: out[t] = routed_scale * sum_j w[t,j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),
+    e = topk_ids[t,j], plus, with `shared` = (gate_raw, gate_type, up_raw, up_type, down_raw, down_type,
+    shared_intermediate), that shared expert's output for x[t], computed in the same native passes.
 
     gate/up are the raw [n_experts, intermediate, hidden] stacks, down the [n_experts, hidden, intermediate] one.
     """
@@ -184,10 +187,19 @@ def moe_forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     x = _float_input("x", x, (T, hidden))
     ids = topk_ids.detach().to(device="cpu", dtype=torch.int64).contiguous()
     weights = _float_input("topk_weights", topk_weights, (T, k))
+    shared_args = None
+    if shared is not None:
+        s_gate, s_gate_type, s_up, s_up_type, s_down, s_down_type, s_width = shared
+        s_types = [resolve_type(t) for t in (s_gate_type, s_up_type, s_down_type)]
+        shared_args = (s_gate.numpy(), int(s_types[0]), check_weight("shared gate", s_gate, s_types[0], s_width, hidden),
+                       s_up.numpy(), int(s_types[1]), check_weight("shared up", s_up, s_types[1], s_width, hidden),
+                       s_down.numpy(), int(s_types[2]), check_weight("shared down", s_down, s_types[2], hidden, s_width),
+                       s_width)
     out = torch.empty(T, hidden, dtype=torch.float32)
     mod.moe_forward(x.numpy(), T, hidden, ids.numpy(), weights.numpy(), k,
                     gate_raw.numpy(), int(types[0]), gate_rb, up_raw.numpy(), int(types[1]), up_rb,
-                    down_raw.numpy(), int(types[2]), down_rb, n_experts, intermediate, out.numpy())
+                    down_raw.numpy(), int(types[2]), down_rb, n_experts, intermediate, out.numpy(),
+                    float(routed_scale), shared_args)
     return out
 
 

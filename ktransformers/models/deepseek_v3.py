@@ -30,19 +30,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = factory.norm(f"{prefix}.post_attention_layernorm")
         self.mlp = MoE(cfg, factory, f"{prefix}.mlp") if cfg.is_moe_layer(index) else MLP(factory, f"{prefix}.mlp")
 
-    def forward(self, hidden: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
-        """Tokens start_pos.. of the sequence in cache slot `slot` (a prefill chunk or one token)."""
-        return self._residual(hidden, lambda x: self.self_attn(x, start_pos, slot))
+    def forward(self, hidden: torch.Tensor, start_pos: int, slot: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Tokens start_pos.. of the sequence in cache slot `slot` (a prefill chunk or one token).
+        last_only: every token's cache row is written, but only the last token's output is returned."""
+        return self._residual(hidden, lambda x: self.self_attn(x, start_pos, slot), last_only)
 
     def forward_rows(self, hidden: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
         """One token of each of several sequences (a batched decode step)."""
         return self._residual(hidden, lambda x: self.self_attn.forward_rows(x, positions, slots))
 
-    def _residual(self, hidden: torch.Tensor, attend) -> torch.Tensor:
+    def _residual(self, hidden: torch.Tensor, attend, last_only: bool = False) -> torch.Tensor:
         # the residual stream lives where this layer's input norm lives
         p = self.input_layernorm.placement
         hidden = hidden.to(p.device, p.dtype)
         hidden = hidden + attend(run(self.input_layernorm, hidden)).to(p.device, p.dtype)
+        if last_only:  # the attention filled the cache; no later layer reads the other tokens' outputs
+            hidden = hidden[-1:]
         return hidden + self.mlp(run(self.post_attention_layernorm, hidden)).to(p.device, p.dtype)
 
 
@@ -61,7 +64,8 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    """forward(input_ids [1, T], start_pos, slot=0) -> float32 logits [1, T, vocab], using its static cache.
+    """forward(input_ids [1, T], start_pos, slot=0) -> float32 logits [1, T, vocab] ([1, 1, vocab], the last
+    token's, with last_only=True), using its static cache.
 
     The cache has `n_slots` slots, one sequence each. Positions start_pos..start_pos+T-1 of the slot's
     sequence are written; T > 1 with start_pos > 0 (chunked prefill) attends to everything cached before
@@ -98,8 +102,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         if not 0 <= slot < self.n_slots:
             raise ValueError(f"cache slot {slot} does not exist: the model has {self.n_slots} (n_slots)")
 
+    # forward(last_only=True): what a prefill needs, the last token's logits (util/sequence.run_prefill)
+    supports_last_only = True
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, slot: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, slot: int = 0, last_only: bool = False) -> torch.Tensor:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"input_ids must have shape [1, T] (batch size 1), got {tuple(input_ids.shape)}")
         n_tokens = input_ids.shape[1]
@@ -116,8 +123,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             logits = self.step_decoder.step_batch([int(input_ids[0, 0])], [start_pos], [slot])[None]
         else:
             hidden = self.model.embed_tokens(input_ids[0])
-            for layer in self.model.layers:
-                hidden = layer(hidden, start_pos, slot)
+            last = len(self.model.layers) - 1
+            for i, layer in enumerate(self.model.layers):
+                # with last_only the last layer's MLP, the norm and the head see one token, not the chunk
+                hidden = layer(hidden, start_pos, slot, last_only=last_only and i == last)
             logits = self._head(hidden)[None]
         if len(ids) == start_pos:  # rows before start_pos were known: the cache now holds a prefix
             ids.extend(input_ids[0].tolist())

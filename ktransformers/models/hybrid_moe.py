@@ -68,6 +68,7 @@ class OverlappedMoE(MoE):
         nn.Module.__init__(self)  # takes over moe's modules instead of building them
         self.gate, self.experts, self.shared_experts = moe.gate, moe.experts, moe.shared_experts
         self.routed_scaling_factor = moe.routed_scaling_factor
+        self._fused_shared = None  # the shared experts keep the caller's thread (its GPU, in hybrid runs)
         self.staging = staging or HostStaging()
         self.prefill_experts, self.prefill_min_tokens = prefill_experts, prefill_min_tokens
 

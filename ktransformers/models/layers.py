@@ -70,6 +70,12 @@ class MLP(nn.Module):
         return run(self.down_proj, F.silu(gate) * up)
 
 
+# Tokens up to which the shared expert runs inside the routed experts' call; a longer prefill chunk
+# takes the separate linears, whose token tiles keep activations in cache (the fused pass would
+# stream every token's activations once per weight row).
+FUSED_SHARED_MAX_TOKENS = 16
+
+
 class MoE(nn.Module):
     """Routed experts (weighted by the gate, times routed_scaling_factor) plus the shared experts.
 
@@ -85,6 +91,10 @@ class MoE(nn.Module):
         self.experts = factory.experts(f"{prefix}.experts")
         self.shared_experts = MLP(factory, f"{prefix}.shared_experts") if cfg.n_shared_experts else None
         self.routed_scaling_factor = cfg.routed_scaling_factor
+        # CPU rules: the shared expert joins the routed experts' native call (one pass over the
+        # kernel pool instead of four) for decode-sized inputs
+        shared_form = getattr(self.experts, "shared_form", None)
+        self._fused_shared = shared_form(self.shared_experts) if shared_form and self.shared_experts else None
 
     def start_routed(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         """Gate x and hand the routed experts their inputs; returns the call that yields their sum."""
@@ -94,6 +104,9 @@ class MoE(nn.Module):
         return lambda: self.experts(*inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused_shared is not None and x.shape[0] <= FUSED_SHARED_MAX_TOKENS:
+            topk_ids, topk_weights = run(self.gate, x)
+            return self.experts(x, topk_ids, topk_weights, self.routed_scaling_factor, self._fused_shared)
         routed = self.start_routed(x)
         shared = None if self.shared_experts is None else self.shared_experts(x)
         out = routed().to(x.device, x.dtype) * self.routed_scaling_factor

@@ -133,7 +133,21 @@ class CpuQuantExperts(nn.Module):
                         for raw, t, (rows, cols) in zip((self.gate_raw, self.up_raw, self.down_raw), (gate, up, down),
                                                         rows_cols)]
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def shared_form(self, mlp) -> tuple | None:
+        """A shared expert `mlp` (gate_proj/up_proj/down_proj) in the form `forward(shared=)` takes, or None
+        when it cannot join the native call (not bias-free CpuQuantLinears of this layer's width)."""
+        linears = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(m, CpuQuantLinear) and m.bias is None for m in linears):
+            return None
+        width = mlp.gate_proj.out_features
+        shapes = [(m.out_features, m.in_features) for m in linears]
+        if shapes != [(width, self.hidden), (width, self.hidden), (self.hidden, width)]:
+            return None
+        return tuple(v for m in linears for v in (m._raw_np, m._type, m._row_bytes)) + (width,)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                routed_scale: float = 1.0, shared: tuple | None = None) -> torch.Tensor:
+        """routed_scale multiplies the routed sum; `shared` (from shared_form) adds that expert's output."""
         if x.dim() != 2 or x.shape[1] != self.hidden or topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape \
                 or topk_ids.shape[0] != x.shape[0]:
             raise ValueError(f"experts: x must be [T, {self.hidden}] with topk_ids and topk_weights [T, k]; got "
@@ -143,7 +157,8 @@ class CpuQuantExperts(nn.Module):
         y = torch.empty(xs.shape, dtype=torch.float32)
         (g, gt, gb), (u, ut, ub), (d, dt, db) = self._stacks
         self._kernels.moe_forward(xs.numpy(), xs.shape[0], self.hidden, ids.numpy(), weights.numpy(), ids.shape[1],
-                                      g, gt, gb, u, ut, ub, d, dt, db, self.n_experts, self.intermediate, y.numpy())
+                                      g, gt, gb, u, ut, ub, d, dt, db, self.n_experts, self.intermediate, y.numpy(),
+                                      float(routed_scale), shared)
         return y.to(device=x.device, dtype=x.dtype)
 
     def extra_repr(self):

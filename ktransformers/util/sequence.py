@@ -46,9 +46,12 @@ def run_prefill(forward: Forward) -> None:
     models (test stand-ins) need no slot argument."""
     # Ids stay on the CPU: the model's embedding looks them up where its table lives.
     ids = torch.tensor([forward.ids], dtype=torch.long)
+    # only the last token's logits are sampled from: models that can skip the others' last MLP and head do
+    extra = {"last_only": True} if getattr(forward.model, "supports_last_only", False) else {}
+    if forward.slot:
+        extra["slot"] = forward.slot
     with torch.inference_mode():
-        out = forward.model(ids, forward.start_pos) if forward.slot == 0 else \
-            forward.model(ids, forward.start_pos, slot=forward.slot)
+        out = forward.model(ids, forward.start_pos, **extra)
     forward.logits = out[0, -1]
 
 

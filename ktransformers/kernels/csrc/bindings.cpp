@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -74,7 +75,8 @@ void quant_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t N, in
 
 void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer weights, int64_t k, py::buffer gate,
                  int gate_type, int64_t gate_row_bytes, py::buffer up, int up_type, int64_t up_row_bytes, py::buffer down,
-                 int down_type, int64_t down_row_bytes, int64_t n_experts, int64_t I, py::buffer out) {
+                 int down_type, int64_t down_row_bytes, int64_t n_experts, int64_t I, py::buffer out, float routed_scale,
+                 py::object shared) {
     const kt::QuantMatrix g = matrix(gate, "gate", gate_type, n_experts * I, H, gate_row_bytes);
     const kt::QuantMatrix u = matrix(up, "up", up_type, n_experts * I, H, up_row_bytes);
     const kt::QuantMatrix d = matrix(down, "down", down_type, n_experts * H, I, down_row_bytes);
@@ -86,9 +88,20 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
         if (idp[p] < 0 || idp[p] >= n_experts)
             throw py::value_error("topk_ids: expert id " + std::to_string(idp[p]) + " at position " + std::to_string(p) +
                                   " is outside [0, " + std::to_string(n_experts) + ")");
+    // shared: None, or (gate, type, row_bytes, up, type, row_bytes, down, type, row_bytes, I) of a shared expert
+    std::optional<kt::SharedExpert> se;
+    if (!shared.is_none()) {
+        const py::tuple t = shared.cast<py::tuple>();
+        if (t.size() != 10) throw py::value_error("moe_forward: shared must be a 10-tuple");
+        const int64_t IS = t[9].cast<int64_t>();
+        se = kt::SharedExpert{
+            matrix(t[0].cast<py::buffer>(), "shared gate", t[1].cast<int>(), IS, H, t[2].cast<int64_t>()),
+            matrix(t[3].cast<py::buffer>(), "shared up", t[4].cast<int>(), IS, H, t[5].cast<int64_t>()),
+            matrix(t[6].cast<py::buffer>(), "shared down", t[7].cast<int>(), H, IS, t[8].cast<int64_t>()), IS};
+    }
     if (T <= 0) return;
     py::gil_scoped_release release;
-    kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op);
+    kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op, routed_scale, se ? &*se : nullptr);
 }
 
 // Per-head linears: head h reads N rows of K at byte offset h * head_stride of w; output row (h, t)
@@ -205,7 +218,11 @@ std::vector<int> supported_types() {
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "Native CPU kernels for GGUF-quantized linears and routed experts";
     m.def("quant_linear", &quant_linear, "out[M,N] = x[M,K] @ dequant(W)[N,K]^T");
-    m.def("moe_forward", &moe_forward, "fused routed experts");
+    m.def("moe_forward", &moe_forward, "fused routed experts (and a shared expert)", py::arg("x"), py::arg("T"),
+          py::arg("H"), py::arg("ids"), py::arg("weights"), py::arg("k"), py::arg("gate"), py::arg("gate_type"),
+          py::arg("gate_row_bytes"), py::arg("up"), py::arg("up_type"), py::arg("up_row_bytes"), py::arg("down"),
+          py::arg("down_type"), py::arg("down_row_bytes"), py::arg("n_experts"), py::arg("I"), py::arg("out"),
+          py::arg("routed_scale") = 1.0f, py::arg("shared") = py::none());
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
     m.def("mla_prepare", &mla_prepare, "MLA's split, latent norm, rope and head-major query layout before W_UK");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");

@@ -19,11 +19,18 @@ bool has_kernel(int ggml_type);     // in the active ISA's table
 // out[M, N] = x[M, K] @ W^T.
 void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out);
 
-// Routed experts: out[t] = sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])),
-// e = ids[t, j]. gate/up/down describe the whole 3-D stacks, rows = n_experts * out_features.
+// A shared expert (gate/up [I, hidden], down [hidden, I]) that every token passes through.
+struct SharedExpert {
+    QuantMatrix gate, up, down;
+    int64_t I;
+};
+
+// Routed experts: out[t] = routed_scale * sum_j weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t]))
+// (+ the shared expert's output for x[t] when `shared` is given), e = ids[t, j]. gate/up/down
+// describe the whole 3-D stacks, rows = n_experts * out_features.
 void moe_forward(const float* x, int64_t T, int64_t hidden, const int64_t* ids, const float* weights, int64_t k,
                  const QuantMatrix& gate, const QuantMatrix& up, const QuantMatrix& down, int64_t n_experts,
-                 int64_t intermediate, float* out);
+                 int64_t intermediate, float* out, float routed_scale = 1.0f, const SharedExpert* shared = nullptr);
 
 // Per-head linears: out[h, M, N] = x[h, M, K] @ W_h^T for h < heads, where `w` describes head 0
 // (N rows of K) and head h's rows start h * head_stride bytes after it (quantized or float rows).
