@@ -108,6 +108,23 @@ def test_quant_linear_matches_dequantized_matmul(isa, ggml_type, M):
     assert (tight.max() < 0.2 * err.max()) or err.max() < 1e-6, where
 
 
+@pytest.mark.parametrize("ggml_type", QUANT_TYPES, ids=lambda t: t.name)
+def test_prefill_of_long_rows_and_uneven_token_groups(isa, ggml_type):
+    """A prefill product on DeepSeek-like long rows, its tokens in groups of 4, 4 and 1: against the
+    same int8 activations only float32 accumulation error remains."""
+    seed = new_seed()
+    rng = np.random.default_rng(seed)
+    N, K, M = 19, 4608, 9
+    raw = random_weight(ggml_type, N, K, rng)
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
+    y = kernels.quant_linear(x, torch.from_numpy(raw), ggml_type, N, K).double()
+    w = dequant64(raw, ggml_type, N, K)
+    xq, _ = q8_decode(x)
+    tight = (y - xq @ w.T).abs()
+    budget = 1e-5 * (xq.abs() @ w.abs().T) + 1e-30
+    assert torch.all(tight <= budget), f"{ggml_type.name} {isa} seed={seed}: worst error/budget {(tight / budget).max():.3g}"
+
+
 @pytest.mark.parametrize("ggml_type", sorted(FLOAT_TYPES), ids=lambda t: t.name)
 @pytest.mark.parametrize("M", [1, 17])
 def test_float_weights_use_float_activations(isa, ggml_type, M):

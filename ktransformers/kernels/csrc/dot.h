@@ -22,15 +22,21 @@ namespace kt {
 // offset per 16 weights, which would otherwise re-add the activations for every weight row).
 // Guarantees: |q| <= 127 (never -128), d >= 0 (d == 0 for an all-zero block), q/d/sum/sum16 are
 // 64-byte aligned and hold n/32 blocks (n is always a multiple of 256 or of 32).
-struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; const int16_t* sum16; };
+// qt: the same int8 values with each whole 256-value block's 64 dwords transposed as an 8x8 matrix
+// (dword c of 32-block k at dword 8c + k), so that 32 bytes hold one dword of each 32-block: an
+// integer dot of 8 such vectors against weights transposed alike sums 32-block k in lane k, one
+// float scaling per 256 values instead of per 32 (the prefill forms of the k-quant kernels).
+// A tail of fewer than 256 values stays in plain order.
+struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; const int16_t* sum16; const int8_t* qt; };
 
 // Dot product of one weight row (raw GGUF blocks of one ggml type, n elements) with a quantized
 // activation row.
 using RowDot = float (*)(const uint8_t* w, const Q8Row& x, int64_t n);
 
 // Optional (framework types only): one weight row against nx <= kMultiRows activation rows at
-// once, out[j] = dot(w, x[j]); the weight blocks are decoded once for all rows (prefill).
-constexpr int kMultiRows = 4;
+// once, out[j] = dot(w, x[j]); the weight blocks are decoded once for all rows (prefill). Kernels
+// written for at most 4 rows take larger groups 4 rows at a time (kt_multi_in_fours).
+constexpr int kMultiRows = 8;
 using RowDotMulti = void (*)(const uint8_t* w, const Q8Row* x, int nx, float* out, int64_t n);
 
 // Float weights (F32/F16/BF16) take float activations: no activation quantization error.

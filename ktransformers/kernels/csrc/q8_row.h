@@ -32,9 +32,9 @@ public:
     Q8Rows(int64_t rows, int64_t n);
     Q8Row row(int64_t r) const {
         return {q_.get() + r * row_stride(), d_.get() + r * blocks_stride(), sum_.get() + r * blocks_stride(),
-                sum16_.get() + r * 2 * blocks_stride()};
+                sum16_.get() + r * 2 * blocks_stride(), qt_.get() + r * row_stride()};
     }
-    // Quantizes row r from x[0..n): d = max|x| / 127, q = round(x / d), so |q| <= 127.
+    // Quantizes row r from x[0..n): d = max|x| / 127, q = round(x / d), so |q| <= 127; and fills qt.
     void quantize(int64_t r, const float* x);
     int64_t n() const { return n_; }
 
@@ -43,7 +43,7 @@ private:
     int64_t row_stride() const { return (n_ + 63) / 64 * 64; }
     int64_t blocks_stride() const { return (n_ / 32 + 15) / 16 * 16; }
     int64_t n_ = 0;
-    AlignedArray<int8_t> q_;
+    AlignedArray<int8_t> q_, qt_;
     AlignedArray<float> d_;
     AlignedArray<int32_t> sum_;
     AlignedArray<int16_t> sum16_;

@@ -68,18 +68,31 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const Q8Rows xq = quantize_rows(x, heads * M, K);
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
-    for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
-        if (!multi || t1 - t0 == 1) {
+    if (!multi || M == 1) {
+        for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
             for (int64_t t = t0; t < t1; ++t) o[t * out_ld] = dot(row, xq.row(xrow + t), K);
-            return;
-        }
+        });
+        return;
+    }
+    // Prefill: within an item (row chunk x token tile) each group of kMultiRows tokens runs over all
+    // the chunk's rows, so the group's activations stay in L1 while the weight rows (in L2 after the
+    // first group) stream by.
+    pool().run(heads * chunks * tiles, [&](int64_t item) {
+        const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
+        const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
+        const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
+        const uint8_t* rows = w.data + h * head_stride;
+        float* o = out + h * M * out_ld;
         for (int64_t t = t0; t < t1; t += kMultiRows) {
             const int nx = int(std::min<int64_t>(kMultiRows, t1 - t));
-            Q8Row rows[kMultiRows];
+            Q8Row xs[kMultiRows];
             float res[kMultiRows];
-            for (int j = 0; j < nx; ++j) rows[j] = xq.row(xrow + t + j);
-            multi(row, rows, nx, res, K);
-            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = res[j];
+            for (int j = 0; j < nx; ++j) xs[j] = xq.row(h * M + t + j);
+            for (int64_t r = r0; r < r1; ++r) {
+                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
+                multi(rows + r * w.row_bytes, xs, nx, res, K);
+                for (int j = 0; j < nx; ++j) o[(t + j) * out_ld + r] = res[j];
+            }
         }
     });
 }

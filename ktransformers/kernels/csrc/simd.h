@@ -65,3 +65,19 @@ static inline __m256i kt_low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm
 static inline __m256i kt_high_nibbles(__m256i v) {
     return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
 }
+
+// The body of a RowDotMulti for a kernel template rows<NX> written for NX <= 4: nx (<= kMultiRows)
+// activation rows in groups of 4, then the rest.
+#define KT_MULTI_IN_FOURS(rows, w, x, nx, out, n)                          \
+    do {                                                                   \
+        int left_ = (nx);                                                  \
+        const Q8Row* x_ = (x);                                             \
+        float* out_ = (out);                                               \
+        for (; left_ > 4; left_ -= 4, x_ += 4, out_ += 4) rows<4>(w, x_, out_, n); \
+        switch (left_) {                                                   \
+            case 1: rows<1>(w, x_, out_, n); break;                       \
+            case 2: rows<2>(w, x_, out_, n); break;                       \
+            case 3: rows<3>(w, x_, out_, n); break;                       \
+            default: rows<4>(w, x_, out_, n); break;                      \
+        }                                                                  \
+    } while (0)
