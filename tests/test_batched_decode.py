@@ -62,7 +62,14 @@ def assert_batch_equals_solo(batched_model, solo_model, slots, atol, greedy=True
 def test_cpu_batched_decode_equals_each_sequence_alone(tiny_model, quant_mix, slots):
     batched = load(tiny_model, quant_mix, max_batch=4)
     solo = load(tiny_model, quant_mix, max_batch=1)
-    assert_batch_equals_solo(batched, solo, slots, atol=2e-4)
+    if quant_mix == "f32":  # float kernels: one row's arithmetic is the same alone or in a group
+        assert_batch_equals_solo(batched, solo, slots, atol=2e-4)
+    else:
+        # the k-quant kernels sum a group of tokens in another order than one token (dot_kquants.inc);
+        # the int8 requantization of the next layer's input turns last-bit differences into ~1e-2,
+        # so the solo tokens are fed (a near-tie must not make a sequence diverge). Another slot's
+        # rows or position would move the logits by ~0.3 (their spread).
+        assert_batch_equals_solo(batched, solo, slots, atol=3e-2, greedy=False)
 
 
 def test_sequences_in_other_slots_do_not_disturb_each_other(tiny_model):
