@@ -9,6 +9,7 @@ DeepSeek-R1 expects), prints prompt/eval statistics after each answer. 'exit' or
 """
 
 import argparse
+import signal
 import sys
 
 from ktransformers.util.chat import build_prompt_ids
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
         return 2
     # the model's generation_config (R1: temperature 0.6, top_p 0.95) unless overridden
     sampling = SamplingParams.from_generation_config(loaded.generation_config, **overrides)
+    # Ctrl-C cancels an answer even when this process inherited SIGINT ignored (started from a
+    # background job or a script), where Python would not install its KeyboardInterrupt handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     chat_loop(loaded.model, loaded.tokenizer, force_think=args.force_think,
               system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
               chunk_size=args.chunk_size, sampling=sampling,

@@ -172,8 +172,11 @@ def test_sigint_during_an_answer_cancels_it_and_the_chat_goes_on(tiny_model_dir)
                str(tiny_model_dir), "--gguf_path", str(tiny_model_dir / "model.gguf"),
                "--max_new_tokens", "8000", "--max_context", "8192", "--temperature", "0"]
     # an answer of ~20 s on the tiny model: a busy CI box must not finish it before the SIGINT lands
+    # started with SIGINT ignored, as a background job's children are (CI ran it so): local_chat
+    # must install its own handler, or Python raises no KeyboardInterrupt and the answer runs on
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
+                            stderr=subprocess.DEVNULL, text=True, encoding="utf-8",
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     output = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: proc.stdout.read(1), "")))
     reader.start()
