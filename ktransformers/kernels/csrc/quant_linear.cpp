@@ -74,17 +74,18 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
         });
         return;
     }
-    // Prefill: within an item (row chunk x token tile) each group of kMultiRows tokens runs over all
-    // the chunk's rows, so the group's activations stay in L1 while the weight rows (in L2 after the
-    // first group) stream by.
+    // Prefill: within an item (row chunk x token tile) each group of tokens (as many as the type's
+    // multi-row kernel decodes a weight block for) runs over all the chunk's rows, so the group's
+    // activations stay in L1 while the weight rows (in L2 after the first group) stream by.
+    const int64_t group = k->multi_width[w.ggml_type] > 0 ? k->multi_width[w.ggml_type] : 4;
     pool().run(heads * chunks * tiles, [&](int64_t item) {
         const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
         const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
         const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
         const uint8_t* rows = w.data + h * head_stride;
         float* o = out + h * M * out_ld;
-        for (int64_t t = t0; t < t1; t += kMultiRows) {
-            const int nx = int(std::min<int64_t>(kMultiRows, t1 - t));
+        for (int64_t t = t0; t < t1; t += group) {
+            const int nx = int(std::min<int64_t>(group, t1 - t));
             Q8Row xs[kMultiRows];
             float res[kMultiRows];
             for (int j = 0; j < nx; ++j) xs[j] = xq.row(h * M + t + j);
