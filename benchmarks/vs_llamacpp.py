@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent))  # this checkout's ktransformers, installed or not
 
 import ktransformers  # noqa: E402,F401  before torch: makes torch's OpenMP threads sleep, not spin, between ops
 from ktransformers.tools import llama_cpp  # noqa: E402
