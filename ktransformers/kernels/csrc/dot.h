@@ -35,7 +35,7 @@ using RowDot = float (*)(const uint8_t* w, const Q8Row& x, int64_t n);
 
 // Optional (framework types only): one weight row against nx <= kMultiRows activation rows at
 // once, out[j] = dot(w, x[j]); the weight blocks are decoded once for all rows (prefill). Kernels
-// written for at most 4 rows take larger groups 4 rows at a time (kt_multi_in_fours).
+// written for at most 4 rows take larger groups 4 rows at a time (KT_MULTI_IN_FOURS in simd.h).
 constexpr int kMultiRows = 8;
 using RowDotMulti = void (*)(const uint8_t* w, const Q8Row* x, int nx, float* out, int64_t n);
 

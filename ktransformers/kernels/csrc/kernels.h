@@ -8,8 +8,8 @@ struct KernelSet {
     const char* isa = nullptr;
     RowDot dot[kMaxGGMLType] = {};            // quantized weights x Q8Row activations
     RowDotMulti dot_multi[kMaxGGMLType] = {};  // optional multi-row forms of dot (prefill)
-    // activation rows a dot_multi form shares one weight decode between (4 or kMultiRows): prefill
-    // groups tokens by it, so a group's activations stay in L1
+    // activation rows a dot_multi form shares one weight decode between (4 or kMultiRows; set for
+    // every type): prefill groups tokens by it, so a group's activations stay in L1
     int multi_width[kMaxGGMLType] = {};
     FloatRowDot float_dot[kMaxGGMLType] = {};  // F32/F16/BF16 weights x float activations
     double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;

@@ -7,14 +7,15 @@
 
 namespace kt {
 
-Q8Rows::Q8Rows(int64_t rows, int64_t n)
-    : n_(n), q_(size_t(rows * row_stride())), qt_(size_t(rows * row_stride())), d_(size_t(rows * blocks_stride())), sum_(size_t(rows * blocks_stride())),
+Q8Rows::Q8Rows(int64_t rows, int64_t n, bool transposed)
+    : n_(n), transposed_(transposed), q_(size_t(rows * row_stride())), qt_(transposed ? size_t(rows * row_stride()) : 0), d_(size_t(rows * blocks_stride())), sum_(size_t(rows * blocks_stride())),
       sum16_(size_t(rows * 2 * blocks_stride())) {}
 
 void Q8Rows::quantize(int64_t r, const float* x) {
     const Q8Row out = row(r);
     active_kernels()->quantize_row_q8(x, n_, const_cast<int8_t*>(out.q), const_cast<float*>(out.d),
                                       const_cast<int32_t*>(out.sum), const_cast<int16_t*>(out.sum16));
+    if (!transposed_) return;
     // qt: per 256 values, dword c of 32-block k -> dword 8c + k (see Q8Row); the tail as it is
     int8_t* qt = const_cast<int8_t*>(out.qt);
     const int64_t whole = n_ / 256 * 256;
@@ -24,8 +25,8 @@ void Q8Rows::quantize(int64_t r, const float* x) {
     std::memcpy(qt + whole, out.q + whole, size_t(n_ - whole));
 }
 
-Q8Rows quantize_rows(const float* x, int64_t rows, int64_t n) {
-    Q8Rows out(rows, n);
+Q8Rows quantize_rows(const float* x, int64_t rows, int64_t n, bool transposed) {
+    Q8Rows out(rows, n, transposed);
     pool().run(rows, [&](int64_t r) { out.quantize(r, x + r * n); });
     return out;
 }

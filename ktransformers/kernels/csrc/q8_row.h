@@ -25,14 +25,16 @@ private:
     std::unique_ptr<T, Free> data_;
 };
 
-// `rows` activation rows of `n` elements (n % 32 == 0), each quantized as a Q8Row.
+// `rows` activation rows of `n` elements (n % 32 == 0), each quantized as a Q8Row. Only rows made
+// `transposed` carry Q8Row::qt (the multi-row prefill forms read it); the others' qt is null, so
+// decode pays neither its copy nor its memory.
 class Q8Rows {
 public:
     Q8Rows() = default;
-    Q8Rows(int64_t rows, int64_t n);
+    Q8Rows(int64_t rows, int64_t n, bool transposed = false);
     Q8Row row(int64_t r) const {
         return {q_.get() + r * row_stride(), d_.get() + r * blocks_stride(), sum_.get() + r * blocks_stride(),
-                sum16_.get() + r * 2 * blocks_stride(), qt_.get() + r * row_stride()};
+                sum16_.get() + r * 2 * blocks_stride(), transposed_ ? qt_.get() + r * row_stride() : nullptr};
     }
     // Quantizes row r from x[0..n): d = max|x| / 127, q = round(x / d), so |q| <= 127; and fills qt.
     void quantize(int64_t r, const float* x);
@@ -43,6 +45,7 @@ private:
     int64_t row_stride() const { return (n_ + 63) / 64 * 64; }
     int64_t blocks_stride() const { return (n_ / 32 + 15) / 16 * 16; }
     int64_t n_ = 0;
+    bool transposed_ = false;
     AlignedArray<int8_t> q_, qt_;
     AlignedArray<float> d_;
     AlignedArray<int32_t> sum_;
@@ -50,6 +53,6 @@ private:
 };
 
 // Quantizes `rows` rows of x (row stride n) in parallel on the pool.
-Q8Rows quantize_rows(const float* x, int64_t rows, int64_t n);
+Q8Rows quantize_rows(const float* x, int64_t rows, int64_t n, bool transposed = false);
 
 }  // namespace kt

@@ -45,56 +45,48 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const int64_t most = rows_per_item(N * heads, tiles, w.row_bytes), chunks = (N + most - 1) / most;
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
     const int64_t ahead = M <= 2 ? prefetch_rows() : 0;
-    // tile_rows(row, xrow, t0, t1, o) writes o[t * out_ld] = row . x[xrow + t] for the tokens t0..t1 of a tile.
-    auto for_each_item = [&](auto&& tile_rows) {
+    // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
+    // the chunk's rows: body(row, xrow, t, nx, o) writes o[(t + j) * out_ld] = row . x[xrow + t + j]
+    // for j < nx. Groups of a whole tile read each weight row once; the prefill groups of a few
+    // tokens keep their activations in L1 while the chunk's rows (in L2 after the first) go by.
+    auto for_each_item = [&](int64_t group, auto&& body) {
         pool().run(heads * chunks * tiles, [&](int64_t item) {
             const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
             const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
             const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
             const uint8_t* rows = w.data + h * head_stride;
-            for (int64_t r = r0; r < r1; ++r) {
-                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                tile_rows(rows + r * w.row_bytes, h * M, t0, t1, out + h * M * out_ld + r);
+            for (int64_t t = t0; t < t1; t += group) {
+                const int nx = int(std::min(group, t1 - t));
+                for (int64_t r = r0; r < r1; ++r) {
+                    if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
+                    body(rows + r * w.row_bytes, h * M, t, nx, out + h * M * out_ld + r);
+                }
             }
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
-        for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
-            for (int64_t t = t0; t < t1; ++t) o[t * out_ld] = dot(row, x + (xrow + t) * K, K);
+        for_each_item(kTokenTile, [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
+            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = dot(row, x + (xrow + t + j) * K, K);
         });
         return;
     }
-    const Q8Rows xq = quantize_rows(x, heads * M, K);
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
+    const Q8Rows xq = quantize_rows(x, heads * M, K, multi && M > 1);
     if (!multi || M == 1) {
-        for_each_item([&](const uint8_t* row, int64_t xrow, int64_t t0, int64_t t1, float* o) {
-            for (int64_t t = t0; t < t1; ++t) o[t * out_ld] = dot(row, xq.row(xrow + t), K);
+        for_each_item(kTokenTile, [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
+            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = dot(row, xq.row(xrow + t + j), K);
         });
         return;
     }
-    // Prefill: within an item (row chunk x token tile) each group of tokens (as many as the type's
-    // multi-row kernel decodes a weight block for) runs over all the chunk's rows, so the group's
-    // activations stay in L1 while the weight rows (in L2 after the first group) stream by.
-    const int64_t group = k->multi_width[w.ggml_type] > 0 ? k->multi_width[w.ggml_type] : 4;
-    pool().run(heads * chunks * tiles, [&](int64_t item) {
-        const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
-        const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
-        const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
-        const uint8_t* rows = w.data + h * head_stride;
-        float* o = out + h * M * out_ld;
-        for (int64_t t = t0; t < t1; t += group) {
-            const int nx = int(std::min<int64_t>(group, t1 - t));
-            Q8Row xs[kMultiRows];
-            float res[kMultiRows];
-            for (int j = 0; j < nx; ++j) xs[j] = xq.row(h * M + t + j);
-            for (int64_t r = r0; r < r1; ++r) {
-                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                multi(rows + r * w.row_bytes, xs, nx, res, K);
-                for (int j = 0; j < nx; ++j) o[(t + j) * out_ld + r] = res[j];
-            }
-        }
+    // prefill: groups of as many tokens as the type's multi-row kernel decodes a weight block for
+    for_each_item(k->multi_width[w.ggml_type], [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
+        Q8Row xs[kMultiRows] = {};
+        float res[kMultiRows];
+        for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + t + j);
+        multi(row, xs, nx, res, K);
+        for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = res[j];
     });
 }
 
