@@ -1,9 +1,9 @@
 """CPU MLA under the shipped CPU rules: the absorbed W_UK / W_UV come straight from the GGUF blocks
 (attn_k_b + attn_v_b files: both; older fused attn_kv_b files: W_UV), and one-token attention runs
-on the native pool (kernels.mla_decode_attention).
+on the native pool in one call (kernels' mla_decode: prepare, W_UK, attention, W_UV).
 
 Oracles: /proc/self/maps (the weights lie inside the GGUF file's mapping, so no float copy exists),
-torch's own attention (`_attend` with the native kernel switched off), and the torch float32
+torch's own attention (`_attend`, with the native decode switched off), and the torch float32
 reference rules (the path tests/test_model_vs_hf.py checks against transformers)."""
 
 from pathlib import Path
@@ -62,14 +62,14 @@ def test_native_decode_attention_equals_torch_attention(models, monkeypatch):
     _, _, native, _ = models
     attn = native.model.layers[0].self_attn
     calls = []
-    real = kernels.mla_decode_attention
-    monkeypatch.setattr(kernels, "mla_decode_attention", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    real = attn.kv_b_proj.decode_step
+    monkeypatch.setattr(attn.kv_b_proj, "decode_step", lambda *a: calls.append(a[6]) or real(*a))
     xs = torch.randn(6, native.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         attn(xs[:5], 0)
         assert calls == []  # a prefill chunk: torch's matmuls
         fast = attn(xs[5:], 5)
-        assert calls == [6]  # one token over the 6 live cache rows
+        assert calls == [5]  # one native call (prepare, W_UK, attention over rows 0..5, W_UV)
         monkeypatch.setattr(mla, "native_decode_attention", lambda cache: False)
         slow = attn(xs[5:], 5)  # rewrites the same cache row, then torch's attention
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
@@ -131,3 +131,28 @@ def test_greedy_decoding_picks_the_reference_tokens(models):
     _, _, native, reference = models
     errors = check_greedy_decoding(native, reference)
     assert errors[len(errors) // 2] < 3e-2
+
+
+def test_native_decode_step_refuses_what_would_read_or_write_out_of_bounds(models):
+    """The one-call decode checks its buffers against the position and its head stacks against the shapes:
+    a ValueError naming the culprit, never a read or write past the end."""
+    _, _, native, _ = models
+    attn = native.model.layers[0].self_attn
+    kv_b = attn.kv_b_proj
+    x = torch.randn(1, native.config.hidden_size)
+    with torch.inference_mode():
+        kv, q = attn.kv_a_proj_with_mqa(x), attn._query(x)
+        step = lambda cache, position, pairs=attn.rope.cpu_pairs(): kv_b.decode_step(
+            q, kv, attn.kv_a_layernorm, pairs, attn.rope.interleaved, cache, position, attn.scale)
+        width = attn.kv_lora_rank + attn.rope_dim
+        assert step(torch.zeros(4, width), 3).shape == (1, attn.n_heads * attn.v_dim)
+        with pytest.raises(ValueError, match="cache"):
+            step(torch.zeros(3, width), 3)  # row 3 does not exist
+        with pytest.raises(ValueError, match="rope_table"):
+            step(torch.zeros(64, width), 40, attn.rope.cpu_pairs()[:40])
+        swapped = kv_b.w_uv.native_args, kv_b.w_uk.native_args
+        with pytest.raises(ValueError, match="w_uk"):
+            kernels.require().mla_decode(q.numpy(), kv.numpy(), attn.n_heads, attn.nope_dim, attn.rope_dim,
+                                         attn.kv_lora_rank, attn.kv_a_layernorm.weight.numpy(), 1e-6,
+                                         attn.rope.cpu_pairs().numpy(), False, *swapped, attn.v_dim,
+                                         torch.zeros(4, width).numpy(), 3, 1.0, torch.empty(1, 4096).numpy())

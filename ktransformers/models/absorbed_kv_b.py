@@ -64,6 +64,11 @@ class HeadWeights:
         return cls(w.view(torch.uint8).reshape(-1), kernels.FLOAT_WEIGHT_TYPES[w.dtype], *w.shape)
 
     @property
+    def native_args(self) -> tuple:
+        """(raw, ggml type, rows, cols, row_bytes, head_stride): the form native calls take a stack in."""
+        return self._raw_np, int(self.ggml_type), self.rows, self.cols, self._row_bytes, self.head_stride
+
+    @property
     def nbytes(self) -> int:
         """Weight bytes one product streams."""
         return self.heads * self.rows * row_nbytes(self.ggml_type, self.cols)
@@ -97,6 +102,21 @@ class NativeAbsorbedKVB(nn.Module):
 
     def expand_values(self, latent: torch.Tensor) -> torch.Tensor:
         return self.w_uv(latent).transpose(0, 1)
+
+    def decode_step(self, q: torch.Tensor, kv: torch.Tensor, norm, rope_pairs: torch.Tensor, interleaved: bool,
+                    cache: torch.Tensor, position: int, scale: float) -> torch.Tensor:
+        """One decode token of MLA in one native call (kernels' mla_decode): q [1, H * (nope + rope)] (q_b_proj's
+        output), kv [1, kv_lora + rope] (kv_a_proj_with_mqa's), `norm` the kv_a_layernorm, rope_pairs float32
+        [max_context, rope / 2, 2], cache one slot's float32 rows [max_context, kv_lora + rope] -> o_proj's
+        input [1, H * v]. Writes the cache row at `position`; attends to rows 0..position. The same kernels
+        in the same order as the separate calls, so the same bits."""
+        uk, uv = self.w_uk, self.w_uv
+        out = torch.empty(1, uv.heads * uv.rows)
+        uk._kernels.mla_decode(q.numpy(), kv.numpy(), uk.heads, uk.cols, rope_pairs.shape[1] * 2, uk.rows,
+                               norm.weight.numpy(), float(norm.eps), rope_pairs.numpy(), bool(interleaved),
+                               uk.native_args, uv.native_args, uv.rows, cache.numpy(), int(position), float(scale),
+                               out.numpy())
+        return out
 
     def extra_repr(self):
         return ", ".join(f"{name}=[{w.heads}, {w.rows}, {w.cols}] {w.ggml_type.name}"

@@ -117,11 +117,21 @@ class MLAttention(nn.Module):
         rows of the sequence's cache slot."""
         n_tokens = x.shape[0]
         end = start_pos + n_tokens
-        query, rows = self._project(x, self.rope.rotations(start_pos, end, self.device))
         cache = self.kv_slots[slot]
+        if n_tokens == 1 and self._native_project and native_decode_attention(cache):
+            return self._native_step(x, start_pos, cache)
+        query, rows = self._project(x, self.rope.rotations(start_pos, end, self.device))
         cache[start_pos:end] = rows
         keys = cache[:end]
         return self._output(self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens), n_tokens)
+
+    def _native_step(self, x: torch.Tensor, position: int, cache: torch.Tensor) -> torch.Tensor:
+        """One token on the CPU rules: the linears, then everything between them in one native call."""
+        kv = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
+        q = self._query(x).contiguous()
+        out = self.kv_b_proj.decode_step(q, kv, self.kv_a_layernorm, self.rope.cpu_pairs(), self.rope.interleaved,
+                                         cache, position, self.scale)
+        return run(self.o_proj, out)
 
     def forward_rows(self, x: torch.Tensor, positions: list[int], slots: list[int]) -> torch.Tensor:
         """One new token of each of several sequences: row b of x [B, hidden] sits at positions[b] of

@@ -58,6 +58,7 @@ class RopeTable:
         angles = torch.arange(max_context, dtype=torch.float32)[:, None] * inv_freq
         self.interleaved = cfg.rope_interleave
         self._tables = {torch.device("cpu"): torch.polar(torch.full_like(angles, magnitude), angles)}
+        self._pairs = None
 
     def table(self, device) -> torch.Tensor:
         """complex64 [max_context, rope_dim / 2] on `device`."""
@@ -65,6 +66,12 @@ class RopeTable:
         if device not in self._tables:
             self._tables[device] = self._tables[torch.device("cpu")].to(device)
         return self._tables[device]
+
+    def cpu_pairs(self) -> torch.Tensor:
+        """The CPU table as float32 (cos, sin) pairs [max_context, rope_dim / 2, 2] (native kernels' form)."""
+        if self._pairs is None:
+            self._pairs = torch.view_as_real(self._tables[torch.device("cpu")]).contiguous()
+        return self._pairs
 
     def rotations(self, start: int, end: int, device) -> torch.Tensor:
         """complex64 [end - start, rope_dim / 2]."""

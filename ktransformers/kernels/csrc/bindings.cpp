@@ -104,22 +104,28 @@ void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer 
     kt::moe_forward(xp, T, H, idp, wp, k, g, u, d, n_experts, I, op, routed_scale, se ? &*se : nullptr);
 }
 
-// Per-head linears: head h reads N rows of K at byte offset h * head_stride of w; output row (h, t)
-// starts at out + (h * M + t) * out_ld (out_ld >= N; N: contiguous).
+// A stack of per-head matrices: head h reads N rows of K at byte offset h * head_stride of w.
+kt::HeadStack head_stack(const py::buffer& w, const char* name, int type, int64_t heads, int64_t N, int64_t K,
+                         int64_t row_bytes, int64_t head_stride) {
+    if (heads <= 0 || row_bytes <= 0 || head_stride < N * row_bytes || head_stride % row_bytes)
+        throw py::value_error(std::string(name) + ": " + std::to_string(heads) + " heads must start whole rows apart "
+                              "without overlapping: head_stride " + std::to_string(head_stride) + " bytes, a head holds " +
+                              std::to_string(N) + " rows of " + std::to_string(row_bytes) + " bytes");
+    kt::QuantMatrix wm = matrix(w, name, type, (heads - 1) * head_stride / row_bytes + N, K, row_bytes);
+    wm.rows = N;  // head 0; the others follow head_stride bytes apart
+    return {wm, head_stride};
+}
+
+// Per-head linears; output row (h, t) starts at out + (h * M + t) * out_ld (out_ld >= N; N: contiguous).
 void head_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t heads, int64_t N, int64_t K, int64_t row_bytes,
                  int64_t head_stride, py::buffer out, int64_t out_ld) {
-    if (heads <= 0 || row_bytes <= 0 || head_stride < N * row_bytes || head_stride % row_bytes)
-        throw py::value_error("head_linear: " + std::to_string(heads) + " heads must start whole rows apart without "
-                              "overlapping: head_stride " + std::to_string(head_stride) + " bytes, a head holds " +
-                              std::to_string(N) + " rows of " + std::to_string(row_bytes) + " bytes");
+    const kt::HeadStack ws = head_stack(w, "head_linear weight", type, heads, N, K, row_bytes, head_stride);
     if (out_ld < N) throw py::value_error("head_linear: out_ld " + std::to_string(out_ld) + " is shorter than a row");
-    kt::QuantMatrix wm = matrix(w, "weight", type, (heads - 1) * head_stride / row_bytes + N, K, row_bytes);
-    wm.rows = N;  // head 0; the others follow head_stride bytes apart
     const float* xp = buffer_ptr<float>(x, "x", heads * M * K);
     float* op = buffer_ptr<float>(out, "out", M <= 0 ? 0 : (heads * M - 1) * out_ld + N, true);
     if (M <= 0) return;
     py::gil_scoped_release release;
-    kt::head_linear(xp, M, wm, heads, head_stride, op, out_ld);
+    kt::head_linear(xp, M, ws.w, heads, ws.head_stride, op, out_ld);
 }
 
 void mla_prepare(py::buffer q, py::buffer kv, int64_t T, int64_t H, int64_t nope, int64_t rope, int64_t kv_lora,
@@ -138,6 +144,36 @@ void mla_prepare(py::buffer q, py::buffer kv, int64_t T, int64_t H, int64_t nope
     float* rows_out = buffer_ptr<float>(rows, "rows", T * (kv_lora + rope), true);
     py::gil_scoped_release release;
     kt::mla_prepare(s, qp, kvp, wp, eps, rp, interleaved, nope_out, query_out, rows_out);
+}
+
+// w_uk / w_uv: (raw, ggml type, rows, cols, row_bytes, head_stride) of H per-head matrices.
+kt::HeadStack head_stack(const py::tuple& t, const char* name, int64_t heads, int64_t rows, int64_t cols) {
+    if (t.size() != 6) throw py::value_error(std::string(name) + ": need (raw, type, rows, cols, row_bytes, head_stride)");
+    if (t[2].cast<int64_t>() != rows || t[3].cast<int64_t>() != cols)
+        throw py::value_error(std::string(name) + ": need " + std::to_string(rows) + " rows of " + std::to_string(cols) +
+                              " per head, got " + std::to_string(t[2].cast<int64_t>()) + " of " +
+                              std::to_string(t[3].cast<int64_t>()));
+    return head_stack(t[0].cast<py::buffer>(), name, t[1].cast<int>(), heads, rows, cols, t[4].cast<int64_t>(),
+                      t[5].cast<int64_t>());
+}
+
+// rope_table: (cos, sin) pairs [positions, rope / 2]; cache: [positions >= position + 1, kv_lora + rope].
+void mla_decode(py::buffer q, py::buffer kv, int64_t H, int64_t nope, int64_t rope, int64_t kv_lora, py::buffer norm_w,
+                float eps, py::buffer rope_table, bool interleaved, py::tuple w_uk, py::tuple w_uv, int64_t v,
+                py::buffer cache, int64_t position, float scale, py::buffer out) {
+    kernels_or_throw();
+    if (H <= 0 || nope <= 0 || rope < 0 || rope % 2 || kv_lora <= 0 || v <= 0 || position < 0)
+        throw py::value_error("mla_decode: need H, nope, kv_lora, v > 0, an even rope >= 0 and position >= 0");
+    const kt::MlaShape s{1, H, nope, rope, kv_lora};
+    const kt::HeadStack uk = head_stack(w_uk, "w_uk", H, kv_lora, nope), uv = head_stack(w_uv, "w_uv", H, v, kv_lora);
+    const float* qp = buffer_ptr<float>(q, "q", H * (nope + rope));
+    const float* kvp = buffer_ptr<float>(kv, "kv", kv_lora + rope);
+    const float* wp = buffer_ptr<float>(norm_w, "norm_weight", kv_lora);
+    const float* rp = buffer_ptr<float>(rope_table, "rope_table", (position + 1) * rope) + position * rope;
+    float* cp = buffer_ptr<float>(cache, "cache", (position + 1) * (kv_lora + rope), true);
+    float* op = buffer_ptr<float>(out, "out", H * v, true);
+    py::gil_scoped_release release;
+    kt::mla_decode(s, qp, kvp, wp, eps, rp, interleaved, uk, uv, cp, position, scale, op);
 }
 
 void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, int64_t D, int64_t V, float scale,
@@ -225,6 +261,7 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("routed_scale") = 1.0f, py::arg("shared") = py::none());
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
     m.def("mla_prepare", &mla_prepare, "MLA's split, latent norm, rope and head-major query layout before W_UK");
+    m.def("mla_decode", &mla_decode, "one decode token of MLA from q_b/kv_a outputs to W_UV's (cache row written)");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
     m.def("moe_route", &moe_route, "the MoE router's experts and weights from its logits");
     m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row, float32");

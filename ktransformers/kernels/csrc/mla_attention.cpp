@@ -4,6 +4,8 @@
 // heads. Each item leaves a softmax partial (max, sum, weighted values); the partials of a head
 // are merged at the end, as in flash-decoding. Running here rather than in torch keeps torch's
 // OpenMP threads asleep during decode: they would contend with the pool's spinning workers.
+// mla_decode chains the whole step between the linears in one call: at decode the torch glue
+// between five separate calls cost more than their arithmetic.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -51,6 +53,18 @@ void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t
         }
         for (int64_t j = 0; j < V; ++j) o[j] /= total;
     });
+}
+
+void mla_decode(const MlaShape& s, const float* q, const float* kv, const float* norm_w, float eps, const float* rot,
+                bool interleaved, const HeadStack& w_uk, const HeadStack& w_uv, float* cache, int64_t position,
+                float scale, float* out) {
+    const int64_t width = s.kv_lora + s.rope;
+    std::vector<float> q_nope(s.H * s.nope), query(s.H * width), latent(s.H * s.kv_lora);
+    const MlaShape one{1, s.H, s.nope, s.rope, s.kv_lora};
+    mla_prepare(one, q, kv, norm_w, eps, rot, interleaved, q_nope.data(), query.data(), cache + position * width);
+    head_linear(q_nope.data(), 1, w_uk.w, s.H, w_uk.head_stride, query.data(), width);  // the latent columns
+    mla_decode_attention(query.data(), s.H, cache, position + 1, width, s.kv_lora, scale, latent.data());
+    head_linear(latent.data(), 1, w_uv.w, s.H, w_uv.head_stride, out, 0);
 }
 
 }  // namespace kt

@@ -53,6 +53,16 @@ void mla_prepare(const MlaShape& s, const float* q, const float* kv, const float
 void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t S, int64_t D, int64_t V, float scale,
                           float* out);
 
+// One decode token of MLA in a single call, from the linears' outputs to the values: mla_prepare
+// (T = 1), the absorbed W_UK product, attention over cache rows 0..position and W_UV. q and kv as
+// for mla_prepare, rot: this position's rope / 2 (cos, sin) pairs; w_uk: head 0 of kv_lora rows of
+// nope, w_uv: head 0 of v rows of kv_lora, heads `head_stride` bytes apart. Writes the cache row
+// `position` of cache [>= position + 1, kv_lora + rope] and out [H, v] (o_proj's input).
+struct HeadStack { QuantMatrix w; int64_t head_stride; };
+void mla_decode(const MlaShape& s, const float* q, const float* kv, const float* norm_w, float eps, const float* rot,
+                bool interleaved, const HeadStack& w_uk, const HeadStack& w_uv, float* cache, int64_t position,
+                float scale, float* out);
+
 // How the MoE router picks experts (moe_route.cpp); `n_group`/`topk_group` matter for the grouped methods.
 struct RouteConfig {
     enum Method { kGreedy = 0, kGroupLimitedGreedy = 1, kNoauxTc = 2 };
