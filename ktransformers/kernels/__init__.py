@@ -129,6 +129,11 @@ def supported_types() -> list[GGMLType]:
     return list(_supported)
 
 
+def row_decoder_types() -> list[int]:
+    """ggml type ids whose rows the extension decodes to float natively (embedding lookups); [] without it."""
+    return list(require().row_decoder_types()) if available() else []
+
+
 def check_weight(name: str, raw: torch.Tensor, ggml_type: GGMLType, rows: int, cols: int) -> int:
     """Row bytes of a raw weight of `rows` x `cols` `ggml_type` elements; ValueError naming `name` if it is not one."""
     if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.device.type != "cpu":

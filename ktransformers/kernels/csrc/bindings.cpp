@@ -176,6 +176,26 @@ void mla_decode(py::buffer q, py::buffer kv, int64_t H, int64_t nope, int64_t ro
     kt::mla_decode(s, qp, kvp, wp, eps, rp, interleaved, uk, uv, cp, position, scale, op);
 }
 
+// Embedding lookups: rows ids of a [rows, cols] matrix of raw blocks -> out [n, cols] float32.
+void dequantize_rows(py::buffer raw, int type, int64_t rows, int64_t cols, int64_t row_bytes, py::buffer ids,
+                     py::buffer out) {
+    if (!kt::has_row_decoder(type)) throw py::value_error("dequantize_rows: no native decoder for ggml type " + std::to_string(type));
+    const int64_t block = type == 8 ? 32 : 256, block_bytes = type == 8 ? 34 : type == 12 ? 144 : type == 13 ? 176 : 210;
+    if (rows <= 0 || cols <= 0 || cols % block || row_bytes != cols / block * block_bytes)
+        throw py::value_error("dequantize_rows: " + std::to_string(rows) + " rows of " + std::to_string(cols) +
+                              " values cannot be rows of " + std::to_string(row_bytes) + " bytes of type " + std::to_string(type));
+    const uint8_t* data = buffer_ptr<uint8_t>(raw, "raw", rows * row_bytes);
+    const py::buffer_info info = ids.request();
+    const int64_t n = info.size;
+    const int64_t* idp = buffer_ptr<int64_t>(ids, "ids", n);
+    for (int64_t i = 0; i < n; ++i)
+        if (idp[i] < 0 || idp[i] >= rows)
+            throw py::value_error("dequantize_rows: row id " + std::to_string(idp[i]) + " outside [0, " + std::to_string(rows) + ")");
+    float* op = buffer_ptr<float>(out, "out", n * cols, true);
+    py::gil_scoped_release release;
+    kt::dequantize_rows(data, type, cols, row_bytes, idp, n, op);
+}
+
 void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, int64_t D, int64_t V, float scale,
                           py::buffer out) {
     kernels_or_throw();
@@ -261,6 +281,13 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("routed_scale") = 1.0f, py::arg("shared") = py::none());
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
     m.def("mla_prepare", &mla_prepare, "MLA's split, latent norm, rope and head-major query layout before W_UK");
+    m.def("dequantize_rows", &dequantize_rows, "rows ids of Q8_0/Q4_K/Q5_K/Q6_K blocks -> float32 (embedding lookups)");
+    m.def("row_decoder_types", [] {
+        std::vector<int> types;
+        for (int t = 0; t < kt::kMaxGGMLType; ++t)
+            if (kt::has_row_decoder(t)) types.push_back(t);
+        return types;
+    });
     m.def("mla_decode", &mla_decode, "one decode token of MLA from q_b/kv_a outputs to W_UV's (cache row written)");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
     m.def("moe_route", &moe_route, "the MoE router's experts and weights from its logits");

@@ -75,6 +75,12 @@ struct RouteConfig {
 // bias [n_experts] (noaux_tc only) steers the choice, not the weights.
 void moe_route(const float* logits, int64_t T, const float* bias, const RouteConfig& c, int64_t* ids, float* weights);
 
+// Rows ids[0..n) of a matrix of Q8_0 / Q4_K / Q5_K / Q6_K rows (`cols` values, `row_bytes` bytes each)
+// decoded to float32 out[n, cols] (dequant_rows.cpp); has_row_decoder says which types.
+bool has_row_decoder(int ggml_type);
+void dequantize_rows(const uint8_t* data, int ggml_type, int64_t cols, int64_t row_bytes, const int64_t* ids, int64_t n,
+                     float* out);
+
 // Sum of all bytes of p[0..n), read by every pool thread in parallel (bandwidth probe).
 double stream_sum(const uint8_t* p, size_t n);
 
