@@ -26,6 +26,11 @@ int64_t prefetch_rows() {
     return rows;
 }
 
+int64_t prefetch_rows(int64_t row_bytes) {
+    const int64_t rows = prefetch_rows();
+    return rows ? std::max(rows, (2048 + row_bytes - 1) / std::max<int64_t>(row_bytes, 1)) : 0;
+}
+
 // None on Intel, where rows are prefetched; 1280 bytes elsewhere (Zen 4, 2 threads: Q4_K decode
 // from memory 21 -> 28 GB/s).
 int64_t weight_prefetch_bytes() {

@@ -44,7 +44,7 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
     const int64_t most = rows_per_item(N * heads, tiles, w.row_bytes), chunks = (N + most - 1) / most;
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
-    const int64_t ahead = M <= 2 ? prefetch_rows() : 0;
+    const int64_t ahead = M <= 2 ? prefetch_rows(w.row_bytes) : 0;
     // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
     // the chunk's rows: body(row, xrow, t, nx, o) writes o[(t + j) * out_ld] = row . x[xrow + t + j]
     // for j < nx. Groups of a whole tile read each weight row once; the prefill groups of a few
