@@ -113,3 +113,37 @@ def test_missing_extension_is_reported_clearly(monkeypatch):
     assert not kernels.available()
     with pytest.raises(RuntimeError, match="blk.0.w: cpu_quant kernels unavailable: the native extension .* is not built"):
         linear_backend("cpu_quant")(quant_tensor("blk.0.w", G.Q8_0, (4, 64), rng), None, "cpu", torch.float32)
+
+
+def test_a_linear_group_gives_each_linears_own_decode_result_bit_for_bit():
+    """LinearGroup (MLA's q_a + kv_a, an MLP's gate + up in one native call on a decode row) against each
+    CpuQuantLinear alone: the same dot kernels on the same quantized row, so exactly equal outputs."""
+    from ktransformers.operators.cpu_quant import CpuQuantLinear, LinearGroup
+
+    rng, seed = rng_and_seed()
+    linears = [CpuQuantLinear(quant_tensor(f"blk.0.w{i}.weight", t, (rows, 512), rng), None)
+               for i, (t, rows) in enumerate([(G.Q4_K, 1536), (G.Q6_K, 576), (G.Q8_0, 37), (G.BF16, 70)])]
+    group = LinearGroup.of(*linears)
+    x = torch.from_numpy(rng.standard_normal((1, 512)).astype(np.float32))
+    for got, linear in zip(group(x), linears):
+        assert torch.equal(got, linear(x)), f"{linear.ggml_type.name} seed {seed}"
+
+
+def test_a_linear_group_refuses_what_it_cannot_run():
+    from ktransformers.operators.cpu_quant import CpuQuantLinear, LinearGroup
+
+    rng, _ = rng_and_seed()
+    a = CpuQuantLinear(quant_tensor("blk.0.a.weight", G.Q4_K, (8, 512), rng), None)
+    wide = CpuQuantLinear(quant_tensor("blk.0.b.weight", G.Q4_K, (8, 768), rng), None)
+    biased = CpuQuantLinear(quant_tensor("blk.0.c.weight", G.Q4_K, (8, 512), rng), torch.zeros(8))
+    assert LinearGroup.of(a, wide) is None and LinearGroup.of(a, biased) is None
+    assert LinearGroup.of(a, torch.nn.Linear(512, 8)) is None
+    mod, out = kernels.require(), np.empty((2, 8), dtype=np.float32)
+    matrix = (a._raw_np, a._type, 8, 512, a._row_bytes)
+    with pytest.raises(ValueError, match="one decode row"):
+        mod.linear_group(np.zeros((2, 512), dtype=np.float32), 2, [matrix], [out])
+    with pytest.raises(ValueError, match="out"):
+        mod.linear_group(np.zeros((1, 512), dtype=np.float32), 1, [matrix], [np.empty(4, dtype=np.float32)])
+    with pytest.raises(ValueError, match="share their column count"):
+        mod.linear_group(np.zeros((1, 512), dtype=np.float32), 1,
+                         [matrix, (wide._raw_np, wide._type, 8, 768, wide._row_bytes)], [out[0], out[1]])

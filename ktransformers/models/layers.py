@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ktransformers import kernels
+from ktransformers.operators.cpu_quant import LinearGroup
 
 
 def run(module: nn.Module, *tensors: torch.Tensor):
@@ -72,8 +73,12 @@ class MLP(nn.Module):
         self.gate_proj = factory.linear(f"{prefix}.gate_proj")
         self.up_proj = factory.linear(f"{prefix}.up_proj")
         self.down_proj = factory.linear(f"{prefix}.down_proj")
+        self._gate_and_up = LinearGroup.of(self.gate_proj, self.up_proj)  # decode: one native call for both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_and_up is not None and x.shape[0] == 1:
+            gate, up = self._gate_and_up(x)
+            return run(self.down_proj, F.silu(gate) * up)
         gate = run(self.gate_proj, x)
         up = run(self.up_proj, x).to(gate.device)
         return run(self.down_proj, F.silu(gate) * up)

@@ -14,6 +14,8 @@ from torch import nn
 
 from ktransformers import kernels
 
+from ktransformers.operators.cpu_quant import LinearGroup
+
 from .absorbed_kv_b import NativeAbsorbedKVB
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
@@ -59,6 +61,9 @@ class MLAttention(nn.Module):
         norm = self.kv_a_layernorm.weight
         self._native_project = (isinstance(self.kv_b_proj, NativeAbsorbedKVB) and self.dtype == torch.float32
                                 and norm.dtype == torch.float32 and norm.device.type == "cpu")
+        # decode: q_a and kv_a read the same row, in one native call
+        self._q_a_and_kv_a = LinearGroup.of(self.q_a_proj, self.kv_a_proj_with_mqa) \
+            if self._native_project and cfg.q_lora_rank else None
         # compressed cache, one table per sequence slot and one row per position:
         # [normalized latent | rotated rope key]
         self.register_buffer("kv_slots", torch.zeros(n_slots, max_context, self.kv_lora_rank + self.rope_dim,
@@ -127,8 +132,12 @@ class MLAttention(nn.Module):
 
     def _native_step(self, x: torch.Tensor, position: int, cache: torch.Tensor) -> torch.Tensor:
         """One token on the CPU rules: the linears, then everything between them in one native call."""
-        kv = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
-        q = self._query(x).contiguous()
+        if self._q_a_and_kv_a is not None:
+            q_a, kv = self._q_a_and_kv_a(x)
+            q = run(self.q_b_proj, run(self.q_a_layernorm, q_a))
+        else:
+            kv = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
+            q = self._query(x).contiguous()
         out = self.kv_b_proj.decode_step(q, kv, self.kv_a_layernorm, self.rope.cpu_pairs(), self.rope.interleaved,
                                          cache, position, self.scale)
         return run(self.o_proj, out)

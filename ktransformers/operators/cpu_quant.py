@@ -106,6 +106,30 @@ class CpuQuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, type={self.ggml_type.name}"
 
 
+class LinearGroup:
+    """CpuQuantLinears that read the same input (MLA's q_a and kv_a, an MLP's gate and up), run on one
+    decode row as one native call: the row is quantized once and one pool pass walks all their weights.
+    Each output equals the linear's own, bit for bit. `of(...)` is None unless they can be grouped."""
+
+    def __init__(self, linears):
+        self._kernels = kernels.require()
+        self._matrices = [(m._raw_np, m._type, m.out_features, m.in_features, m._row_bytes) for m in linears]
+        self._widths = [m.out_features for m in linears]
+
+    @classmethod
+    def of(cls, *modules) -> "LinearGroup | None":
+        groupable = all(isinstance(m, CpuQuantLinear) and m.bias is None for m in modules) and \
+            len({m.in_features for m in modules}) == 1
+        return cls(modules) if groupable else None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [1, in_features] -> each linear's float32 CPU output [1, out_features]."""
+        x = _as_cpu_float(x)
+        outs = [torch.empty(1, width) for width in self._widths]
+        self._kernels.linear_group(x.numpy(), 1, self._matrices, [out.numpy() for out in outs])
+        return outs
+
+
 class CpuQuantExperts(nn.Module):
     """Expert stacks gate/up (E, I, H) and down (E, H, I) as QuantTensors.
 

@@ -73,6 +73,26 @@ void quant_linear(py::buffer x, int64_t M, py::buffer w, int type, int64_t N, in
     kt::quant_linear(xp, M, wm, op);
 }
 
+// matrices: (raw, type, rows, cols, row_bytes) tuples sharing cols; outs: one float32 [M, rows] buffer each.
+void linear_group(py::buffer x, int64_t M, py::list matrices, py::list outs) {
+    if (M != 1) throw py::value_error("linear_group: one decode row only, got " + std::to_string(M));
+    if (matrices.size() == 0 || matrices.size() != outs.size())
+        throw py::value_error("linear_group: need one output per matrix, and at least one matrix");
+    std::vector<kt::QuantMatrix> ws;
+    std::vector<float*> out_ptrs;
+    for (size_t i = 0; i < matrices.size(); ++i) {
+        const py::tuple t = matrices[i].cast<py::tuple>();
+        if (t.size() != 5) throw py::value_error("linear_group: a matrix is (raw, type, rows, cols, row_bytes)");
+        ws.push_back(matrix(t[0].cast<py::buffer>(), "weight", t[1].cast<int>(), t[2].cast<int64_t>(),
+                            t[3].cast<int64_t>(), t[4].cast<int64_t>()));
+        if (ws.back().cols != ws[0].cols) throw py::value_error("linear_group: the matrices must share their column count");
+        out_ptrs.push_back(buffer_ptr<float>(outs[i].cast<py::buffer>(), "out", M * ws.back().rows, true));
+    }
+    const float* xp = buffer_ptr<float>(x, "x", M * ws[0].cols);
+    py::gil_scoped_release release;
+    kt::linear_group(xp, M, ws.data(), out_ptrs.data(), int(ws.size()));
+}
+
 void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer weights, int64_t k, py::buffer gate,
                  int gate_type, int64_t gate_row_bytes, py::buffer up, int up_type, int64_t up_row_bytes, py::buffer down,
                  int down_type, int64_t down_row_bytes, int64_t n_experts, int64_t I, py::buffer out, float routed_scale,
@@ -279,6 +299,7 @@ PYBIND11_MODULE(_cpu, m) {
           py::arg("gate_row_bytes"), py::arg("up"), py::arg("up_type"), py::arg("up_row_bytes"), py::arg("down"),
           py::arg("down_type"), py::arg("down_row_bytes"), py::arg("n_experts"), py::arg("I"), py::arg("out"),
           py::arg("routed_scale") = 1.0f, py::arg("shared") = py::none());
+    m.def("linear_group", &linear_group, "one decode row through several matrices sharing its width, in one pass");
     m.def("head_linear", &head_linear, "out[h, M, N] = x[h, M, K] @ W_h^T for a stack of per-head matrices");
     m.def("mla_prepare", &mla_prepare, "MLA's split, latent norm, rope and head-major query layout before W_UK");
     m.def("dequantize_rows", &dequantize_rows, "rows ids of Q8_0/Q4_K/Q5_K/Q6_K blocks -> float32 (embedding lookups)");

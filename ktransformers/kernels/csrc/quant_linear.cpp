@@ -92,6 +92,32 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
 
 void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) { head_linear(x, M, w, 1, 0, out, 0); }
 
+void linear_group(const float* x, int64_t M, const QuantMatrix* ws, float* const* outs, int count) {
+    const KernelSet* k = active_kernels();
+    const int64_t K = ws[0].cols;
+    bool quantized = false;
+    struct Item { int matrix; int64_t r0, r1; };
+    std::vector<Item> items;
+    for (int i = 0; i < count; ++i) {
+        quantized = quantized || !is_float_type(ws[i].ggml_type);
+        const int64_t step = rows_per_item(ws[i].rows, 1, ws[i].row_bytes);
+        for (int64_t r = 0; r < ws[i].rows; r += step) items.push_back({i, r, std::min(ws[i].rows, r + step)});
+    }
+    const Q8Rows xq = quantized ? quantize_rows(x, M, K) : Q8Rows();
+    pool().run(int64_t(items.size()), [&](int64_t index) {
+        const Item& item = items[index];
+        const QuantMatrix& w = ws[item.matrix];
+        const int64_t ahead = prefetch_rows(w.row_bytes);
+        float* out = outs[item.matrix];
+        for (int64_t r = item.r0; r < item.r1; ++r) {
+            if (ahead && r + ahead < item.r1) prefetch(w.row(r + ahead), w.row_bytes);
+            for (int64_t t = 0; t < M; ++t)  // each dot as quant_linear's decode form takes it: the same bits
+                out[t * w.rows + r] = is_float_type(w.ggml_type) ? k->float_dot[w.ggml_type](w.row(r), x + t * K, K)
+                                                                : k->dot[w.ggml_type](w.row(r), xq.row(t), K);
+        }
+    });
+}
+
 double stream_sum(const uint8_t* p, size_t n) {
     const KernelSet* k = active_kernels();
     const int64_t parts = int64_t(pool().size()) * 4;
