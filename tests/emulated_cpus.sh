@@ -19,7 +19,7 @@ echo "== emulated Haswell (AVX2, no AVX512)"
 KT_EXPECT_ISA=avx2 qemu-x86_64 -cpu Haswell "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_cpu_kernels.py tests/test_cpu_kernels_lowbit.py tests/test_cpu_kernels_kquants.py \
     tests/test_cpu_quant_operators.py tests/test_head_linear.py tests/test_moe_gate_native.py \
-    tests/test_mla_cpu_native.py tests/test_cpu_support.py 2> >(quiet)
+    tests/test_mla_cpu_native.py tests/test_embedding_rows.py tests/test_cpu_support.py 2> >(quiet)
 echo "== emulated Nehalem (no AVX)"
 KT_EXPECT_ISA= qemu-x86_64 -cpu Nehalem "$PY" -m pytest -q -p no:cacheprovider tests/test_cpu_support.py 2> >(quiet)
 echo "== emulated Nehalem: chat_openai.py --demo serves a streamed chat"
