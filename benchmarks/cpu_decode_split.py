@@ -37,13 +37,16 @@ def weight_bytes(module) -> int:
     return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
 
 
-def self_bytes(module) -> int:
-    """Weight bytes a container streams in its own (torch) code: MLA's absorbed W_UK and W_UV."""
+def self_bytes(module, uncalled=()) -> int:
+    """Weight bytes a container streams in its own code: MLA's absorbed W_UK and W_UV, and the weights of
+    child linears it ran without calling them as modules (`uncalled`: a decode step's grouped q_a + kv_a,
+    gate + up, one native call)."""
+    total = sum(weight_bytes(child) for child in uncalled)
     kv_b = getattr(module, "kv_b_proj", None)
     if kv_b is None:
-        return 0
-    return sum(w.nbytes if hasattr(w, "nbytes") and not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
-               for w in (kv_b.w_uk, kv_b.w_uv))
+        return total
+    return total + sum(w.nbytes if hasattr(w, "nbytes") and not isinstance(w, torch.Tensor)
+                       else w.numel() * w.element_size() for w in (kv_b.w_uk, kv_b.w_uv))
 
 
 def short_name(name: str) -> str:
@@ -97,7 +100,11 @@ def main(argv=None):
         model(torch.tensor([[2 + i]]), args.context + 1 + i)
         steps.append(time.perf_counter() - start)
 
-    print(f"{args.mix}: {args.dense} dense + {args.layers - args.dense} MoE layers, context {args.context}; "
+    from ktransformers.models.layers import MoE
+
+    moe = sum(isinstance(layer.mlp, MoE) for layer in model.model.layers)
+    what = Path(args.gguf).name if args.gguf else args.mix
+    print(f"{what}: {len(model.model.layers) - moe} dense + {moe} MoE layers, context {args.context}; "
           f"step median {statistics.median(steps) * 1e3:.2f} ms; memory bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"{'module':48s} {'ms/step':>8s} {'MB':>8s} {'GB/s':>7s}")
     def row(label, ms, nbytes):
@@ -109,10 +116,11 @@ def main(argv=None):
             continue  # never called as a module (MLA's kv_b holder: its bytes show on self_attn's self row)
         ms = seconds[name] / args.steps * 1e3
         children = [f"{name}.{c}" for c, _ in module.named_children() if f"{name}.{c}" in seconds]
+        uncalled = [m for c, m in module.named_children() if f"{name}.{c}" in timed and f"{name}.{c}" not in seconds]
         row(short_name(name), ms, weight_bytes(module))
-        if children:
+        if children or uncalled:
             own_ms = ms - sum(seconds[c] for c in children) / args.steps * 1e3
-            row(short_name(name) + " (self)", own_ms, self_bytes(module))
+            row(short_name(name) + " (self)", own_ms, self_bytes(module, uncalled))
 
 
 if __name__ == "__main__":
