@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from ktransformers import kernels
-
 from ktransformers.operators.cpu_quant import LinearGroup
 
 from .absorbed_kv_b import NativeAbsorbedKVB
@@ -134,7 +133,7 @@ class MLAttention(nn.Module):
         """One token on the CPU rules: the linears, then everything between them in one native call."""
         if self._q_a_and_kv_a is not None:
             q_a, kv = self._q_a_and_kv_a(x)
-            q = run(self.q_b_proj, run(self.q_a_layernorm, q_a))
+            q = run(self.q_b_proj, run(self.q_a_layernorm, q_a)).to(self.device, self.dtype).contiguous()
         else:
             kv = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
             q = self._query(x).contiguous()
