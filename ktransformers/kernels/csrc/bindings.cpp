@@ -90,7 +90,7 @@ void linear_group(py::buffer x, int64_t M, py::list matrices, py::list outs) {
     }
     const float* xp = buffer_ptr<float>(x, "x", M * ws[0].cols);
     py::gil_scoped_release release;
-    kt::linear_group(xp, M, ws.data(), out_ptrs.data(), int(ws.size()));
+    kt::linear_group(xp, ws.data(), out_ptrs.data(), int(ws.size()));
 }
 
 void moe_forward(py::buffer x, int64_t T, int64_t H, py::buffer ids, py::buffer weights, int64_t k, py::buffer gate,

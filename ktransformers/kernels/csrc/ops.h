@@ -19,10 +19,10 @@ bool has_kernel(int ggml_type);     // in the active ISA's table
 // out[M, N] = x[M, K] @ W^T.
 void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out);
 
-// One decode row x [M = 1, K] through several matrices of K columns at once (MLA's q_a and kv_a, an
-// MLP's gate and up): x is quantized once and one pool call walks all their rows. outs[i] [M, rows_i]
-// equals quant_linear's result bit for bit.
-void linear_group(const float* x, int64_t M, const QuantMatrix* ws, float* const* outs, int count);
+// One decode row x [K] through several matrices of K columns at once (MLA's q_a and kv_a, an MLP's
+// gate and up): x is quantized once and one pool call walks all their rows. outs[i] [rows_i] equals
+// quant_linear's result bit for bit.
+void linear_group(const float* x, const QuantMatrix* ws, float* const* outs, int count);
 
 // A shared expert (gate/up [I, hidden], down [hidden, I]) that every token passes through.
 struct SharedExpert {

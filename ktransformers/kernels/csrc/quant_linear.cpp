@@ -74,7 +74,20 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
     const Q8Rows xq = quantize_rows(x, heads * M, K, multi && M > 1);
-    if (!multi || M == 1) {
+    if (M == 1) {  // decode: one activation row a head, taken out of the row loop (W_UK's rows are short)
+        pool().run(heads * chunks, [&](int64_t item) {
+            const int64_t h = item / chunks, r0 = item % chunks * chunk, r1 = std::min(N, r0 + chunk);
+            const Q8Row xr = xq.row(h);
+            const uint8_t* rows = w.data + h * head_stride;
+            float* o = out + h * out_ld;
+            for (int64_t r = r0; r < r1; ++r) {
+                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
+                o[r] = dot(rows + r * w.row_bytes, xr, K);
+            }
+        });
+        return;
+    }
+    if (!multi) {
         for_each_item(kTokenTile, [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
             for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = dot(row, xq.row(xrow + t + j), K);
         });
@@ -92,7 +105,7 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
 
 void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) { head_linear(x, M, w, 1, 0, out, 0); }
 
-void linear_group(const float* x, int64_t M, const QuantMatrix* ws, float* const* outs, int count) {
+void linear_group(const float* x, const QuantMatrix* ws, float* const* outs, int count) {
     const KernelSet* k = active_kernels();
     const int64_t K = ws[0].cols;
     bool quantized = false;
@@ -103,17 +116,19 @@ void linear_group(const float* x, int64_t M, const QuantMatrix* ws, float* const
         const int64_t step = rows_per_item(ws[i].rows, 1, ws[i].row_bytes);
         for (int64_t r = 0; r < ws[i].rows; r += step) items.push_back({i, r, std::min(ws[i].rows, r + step)});
     }
-    const Q8Rows xq = quantized ? quantize_rows(x, M, K) : Q8Rows();
+    const Q8Rows xq = quantized ? quantize_rows(x, 1, K) : Q8Rows();
+    const Q8Row xr = quantized ? xq.row(0) : Q8Row{};
     pool().run(int64_t(items.size()), [&](int64_t index) {
         const Item& item = items[index];
         const QuantMatrix& w = ws[item.matrix];
         const int64_t ahead = prefetch_rows(w.row_bytes);
         float* out = outs[item.matrix];
+        // each dot as quant_linear's decode form takes it: the same bits
+        const FloatRowDot float_dot = is_float_type(w.ggml_type) ? k->float_dot[w.ggml_type] : nullptr;
+        const RowDot dot = float_dot ? nullptr : k->dot[w.ggml_type];
         for (int64_t r = item.r0; r < item.r1; ++r) {
             if (ahead && r + ahead < item.r1) prefetch(w.row(r + ahead), w.row_bytes);
-            for (int64_t t = 0; t < M; ++t)  // each dot as quant_linear's decode form takes it: the same bits
-                out[t * w.rows + r] = is_float_type(w.ggml_type) ? k->float_dot[w.ggml_type](w.row(r), x + t * K, K)
-                                                                : k->dot[w.ggml_type](w.row(r), xq.row(t), K);
+            out[r] = float_dot ? float_dot(w.row(r), x, K) : dot(w.row(r), xr, K);
         }
     });
 }
