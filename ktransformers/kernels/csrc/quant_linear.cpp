@@ -46,60 +46,65 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
     const int64_t ahead = M <= 2 ? prefetch_rows(w.row_bytes) : 0;
     // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
-    // the chunk's rows: body(row, xrow, t, nx, o) writes o[(t + j) * out_ld] = row . x[xrow + t + j]
-    // for j < nx. Groups of a whole tile read each weight row once; the prefill groups of a few
-    // tokens keep their activations in L1 while the chunk's rows (in L2 after the first) go by.
-    auto for_each_item = [&](int64_t group, auto&& body) {
+    // the chunk's rows: group_body(xrow, nx, each_row) takes the group's activation rows xrow.. once,
+    // then each_row(f) calls f(row, o) for the chunk's rows (prefetching ahead in decode), and f writes
+    // o[j * out_ld] = row . x[xrow + j] for j < nx. Groups of a whole tile read each weight row once;
+    // the prefill groups of a few tokens keep their activations in L1 while the chunk's rows (in L2
+    // after the first) go by.
+    auto for_each_group = [&](int64_t group, auto&& group_body) {
         pool().run(heads * chunks * tiles, [&](int64_t item) {
             const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
             const int64_t r0 = rest / tiles * chunk, r1 = std::min(N, r0 + chunk);
             const int64_t t0 = rest % tiles * kTokenTile, t1 = std::min(M, t0 + kTokenTile);
             const uint8_t* rows = w.data + h * head_stride;
             for (int64_t t = t0; t < t1; t += group) {
-                const int nx = int(std::min(group, t1 - t));
-                for (int64_t r = r0; r < r1; ++r) {
-                    if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                    body(rows + r * w.row_bytes, h * M, t, nx, out + h * M * out_ld + r);
-                }
+                float* o = out + (h * M + t) * out_ld;
+                auto each_row = [&](auto&& f) {
+                    for (int64_t r = r0; r < r1; ++r) {
+                        if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
+                        f(rows + r * w.row_bytes, o + r);
+                    }
+                };
+                group_body(h * M + t, int(std::min(group, t1 - t)), each_row);
             }
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
-        for_each_item(kTokenTile, [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
-            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = dot(row, x + (xrow + t + j) * K, K);
+        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_row) {
+            each_row([&](const uint8_t* row, float* o) {
+                for (int j = 0; j < nx; ++j) o[j * out_ld] = dot(row, x + (xrow + j) * K, K);
+            });
         });
         return;
     }
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
     const Q8Rows xq = quantize_rows(x, heads * M, K, multi && M > 1);
-    if (M == 1) {  // decode: one activation row a head, taken out of the row loop (W_UK's rows are short)
-        pool().run(heads * chunks, [&](int64_t item) {
-            const int64_t h = item / chunks, r0 = item % chunks * chunk, r1 = std::min(N, r0 + chunk);
-            const Q8Row xr = xq.row(h);
-            const uint8_t* rows = w.data + h * head_stride;
-            float* o = out + h * out_ld;
-            for (int64_t r = r0; r < r1; ++r) {
-                if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                o[r] = dot(rows + r * w.row_bytes, xr, K);
+    if (!multi || M == 1) {
+        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_row) {
+            if (nx == 1) {  // decode: the plainest loop (short rows such as W_UK's feel every instruction)
+                const Q8Row x0 = xq.row(xrow);
+                each_row([&](const uint8_t* row, float* o) { *o = dot(row, x0, K); });
+                return;
             }
-        });
-        return;
-    }
-    if (!multi) {
-        for_each_item(kTokenTile, [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
-            for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = dot(row, xq.row(xrow + t + j), K);
+            Q8Row xs[kTokenTile];
+            for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + j);
+            each_row([&](const uint8_t* row, float* o) {
+                for (int j = 0; j < nx; ++j) o[j * out_ld] = dot(row, xs[j], K);
+            });
         });
         return;
     }
     // prefill: groups of as many tokens as the type's multi-row kernel decodes a weight block for
-    for_each_item(k->multi_width[w.ggml_type], [&](const uint8_t* row, int64_t xrow, int64_t t, int nx, float* o) {
+    for_each_group(k->multi_width[w.ggml_type], [&](int64_t xrow, int nx, auto&& each_row) {
         Q8Row xs[kMultiRows] = {};
-        float res[kMultiRows];
-        for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + t + j);
-        multi(row, xs, nx, res, K);
-        for (int j = 0; j < nx; ++j) o[(t + j) * out_ld] = res[j];
+        for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + j);
+        each_row([&](const uint8_t* row, float* o) {
+            float res[kMultiRows];
+            multi(row, xs, nx, res, K);
+            for (int j = 0; j < nx; ++j) o[j * out_ld] = res[j];
+        });
     });
 }
 
