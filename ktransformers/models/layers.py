@@ -43,8 +43,9 @@ class QuantEmbedding(nn.Module):
         self.device, self.dtype = torch.device(device), dtype
         self._rows = table.raw().view(self.num_embeddings, -1)  # zero-copy: one row of blocks per token
         # the native row decoder where it knows the type: one call instead of ~25 torch ops a lookup
-        self._native = (kernels.require() if int(table.ggml_type) in kernels.row_decoder_types()
-                        else None)
+        self._type = int(table.ggml_type)
+        self._native = kernels.require() if self._type in kernels.row_decoder_types() else None
+        self._rows_np = self._rows.numpy()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
@@ -52,8 +53,8 @@ class QuantEmbedding(nn.Module):
         if self._native is not None:
             flat = ids.reshape(-1).to("cpu", torch.int64).contiguous()
             rows = torch.empty(flat.numel(), self.embedding_dim)
-            self._native.dequantize_rows(self._rows.numpy(), int(self.table.ggml_type), self.num_embeddings,
-                                         self.embedding_dim, self._rows.shape[1], flat.numpy(), rows.numpy())
+            self._native.dequantize_rows(self._rows_np, self._type, self.num_embeddings, self.embedding_dim,
+                                         self._rows.shape[1], flat.numpy(), rows.numpy())
             return rows.view(*ids.shape, self.embedding_dim).to(self.device, self.dtype)
         # index_select, not rows[ids]: advanced indexing of the 129280-row table entered a parallel
         # region (~60 us a lookup on a 2-core VM); index_select just copies the rows (~2 us)

@@ -74,12 +74,12 @@ class MLAttention(nn.Module):
         """Slot 0's cache [max_context, width]: the one sequence of single-sequence callers."""
         return self.kv_slots[0]
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, H * (nope + rope)]."""
+    def _query(self, x: torch.Tensor, q_a: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H * (nope + rope)]; q_a: q_a_proj's output for x when it was already computed."""
         if hasattr(self, "q_proj"):
             q = run(self.q_proj, x)
         else:
-            q = run(self.q_b_proj, run(self.q_a_layernorm, run(self.q_a_proj, x)))
+            q = run(self.q_b_proj, run(self.q_a_layernorm, run(self.q_a_proj, x) if q_a is None else q_a))
         return q.to(self.device, self.dtype)
 
     def _compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,10 +133,9 @@ class MLAttention(nn.Module):
         """One token on the CPU rules: the linears, then everything between them in one native call."""
         if self._q_a_and_kv_a is not None:
             q_a, kv = self._q_a_and_kv_a(x)
-            q = run(self.q_b_proj, run(self.q_a_layernorm, q_a)).to(self.device, self.dtype).contiguous()
         else:
-            kv = run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
-            q = self._query(x).contiguous()
+            q_a, kv = None, run(self.kv_a_proj_with_mqa, x).to(self.device, self.dtype).contiguous()
+        q = self._query(x, q_a).contiguous()
         out = self.kv_b_proj.decode_step(q, kv, self.kv_a_layernorm, self.rope.cpu_pairs(), self.rope.interleaved,
                                          cache, position, self.scale)
         return run(self.o_proj, out)

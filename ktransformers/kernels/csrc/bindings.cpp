@@ -200,8 +200,7 @@ void mla_decode(py::buffer q, py::buffer kv, int64_t H, int64_t nope, int64_t ro
 void dequantize_rows(py::buffer raw, int type, int64_t rows, int64_t cols, int64_t row_bytes, py::buffer ids,
                      py::buffer out) {
     if (!kt::has_row_decoder(type)) throw py::value_error("dequantize_rows: no native decoder for ggml type " + std::to_string(type));
-    const int64_t block = type == 8 ? 32 : 256, block_bytes = type == 8 ? 34 : type == 12 ? 144 : type == 13 ? 176 : 210;
-    if (rows <= 0 || cols <= 0 || cols % block || row_bytes != cols / block * block_bytes)
+    if (rows <= 0 || row_bytes != kt::decoded_row_bytes(type, cols) || row_bytes == 0)
         throw py::value_error("dequantize_rows: " + std::to_string(rows) + " rows of " + std::to_string(cols) +
                               " values cannot be rows of " + std::to_string(row_bytes) + " bytes of type " + std::to_string(type));
     const uint8_t* data = buffer_ptr<uint8_t>(raw, "raw", rows * row_bytes);

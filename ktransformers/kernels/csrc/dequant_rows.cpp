@@ -89,22 +89,37 @@ void q6_k_row(const uint8_t* b, int64_t n, float* y) {
     }
 }
 
+void q4_k_row(const uint8_t* b, int64_t n, float* y) { q4_5_k_row(b, n, y, false); }
+void q5_k_row(const uint8_t* b, int64_t n, float* y) { q4_5_k_row(b, n, y, true); }
+
+// The decodable types: values and bytes per block, and the row decoder.
+struct RowFormat {
+    int type;
+    int64_t block, block_bytes;
+    void (*decode)(const uint8_t* row, int64_t n, float* y);
+};
+constexpr RowFormat kFormats[] = {
+    {8, 32, 34, q8_0_row}, {12, 256, 144, q4_k_row}, {13, 256, 176, q5_k_row}, {14, 256, 210, q6_k_row}};
+
+const RowFormat* format_of(int type) {
+    for (const RowFormat& f : kFormats)
+        if (f.type == type) return &f;
+    return nullptr;
+}
+
 }  // namespace
 
-bool has_row_decoder(int type) { return type == 8 || type == 12 || type == 13 || type == 14; }
+bool has_row_decoder(int type) { return format_of(type) != nullptr; }
+
+int64_t decoded_row_bytes(int type, int64_t cols) {
+    const RowFormat* f = format_of(type);
+    return f && cols > 0 && cols % f->block == 0 ? cols / f->block * f->block_bytes : 0;
+}
 
 void dequantize_rows(const uint8_t* data, int type, int64_t cols, int64_t row_bytes, const int64_t* ids, int64_t n,
                      float* out) {
-    auto row = [&](int64_t i) {
-        const uint8_t* b = data + ids[i] * row_bytes;
-        float* y = out + i * cols;
-        switch (type) {
-            case 8: return q8_0_row(b, cols, y);
-            case 12: return q4_5_k_row(b, cols, y, false);
-            case 13: return q4_5_k_row(b, cols, y, true);
-            case 14: return q6_k_row(b, cols, y);
-        }
-    };
+    const auto decode = format_of(type)->decode;
+    auto row = [&](int64_t i) { decode(data + ids[i] * row_bytes, cols, out + i * cols); };
     if (n <= 4) {  // a decode step's lookup: cheaper than waking the pool
         for (int64_t i = 0; i < n; ++i) row(i);
         return;

@@ -81,8 +81,10 @@ struct RouteConfig {
 void moe_route(const float* logits, int64_t T, const float* bias, const RouteConfig& c, int64_t* ids, float* weights);
 
 // Rows ids[0..n) of a matrix of Q8_0 / Q4_K / Q5_K / Q6_K rows (`cols` values, `row_bytes` bytes each)
-// decoded to float32 out[n, cols] (dequant_rows.cpp); has_row_decoder says which types.
+// decoded to float32 out[n, cols] (dequant_rows.cpp); has_row_decoder says which types, and
+// decoded_row_bytes the bytes of a row of `cols` values (0: not whole blocks of a decodable type).
 bool has_row_decoder(int ggml_type);
+int64_t decoded_row_bytes(int ggml_type, int64_t cols);
 void dequantize_rows(const uint8_t* data, int ggml_type, int64_t cols, int64_t row_bytes, const int64_t* ids, int64_t n,
                      float* out);
 
