@@ -49,6 +49,38 @@ def test_deepseek_shapes_of_w_uk_and_w_uv():
     check_heads(G.Q4_K, H=16, N=128, K=512, M=3, seed=new_seed())
 
 
+@pytest.mark.parametrize("K", [32, 128, 224])  # rows shorter than 256 values: the short-row form
+def test_short_rows_give_decode_and_prefill_the_same_bits(isa, K):
+    """Q8_0 rows of fewer than 256 values (W_UK: 128) run 8 rows by up to 8 tokens a call, in decode and
+    prefill alike: each token's result equals its one-token call bit for bit, whatever group it lands
+    in, and rows past the last whole 8 (N = 21) are right too. The plain form checks the values."""
+    H, N, M = 3, 21, 13
+    check_heads(G.Q8_0, H=H, N=N, K=K, M=M, seed=new_seed())
+    rng = np.random.default_rng(new_seed())
+    raw = torch.from_numpy(random_weight(G.Q8_0, H * N, K, rng))
+    x = torch.from_numpy(rng.standard_normal((H, M, K)).astype(np.float32))
+    together = kernels.head_linear(x, raw, G.Q8_0, H, N, K)
+    for t in range(M):
+        assert torch.equal(kernels.head_linear(x[:, t:t + 1].contiguous(), raw, G.Q8_0, H, N, K), together[:, t:t + 1])
+
+
+def test_short_rows_give_every_isa_the_same_bits():
+    """The short-row form's integer block dots are exact in each build and its float steps are the same,
+    so the AVX2 and VNNI builds agree bit for bit (the long-row forms need not)."""
+    mod = kernels.require()
+    before, results = mod.isa(), []
+    rng = np.random.default_rng(new_seed())
+    raw = torch.from_numpy(random_weight(G.Q8_0, 2 * 40, 128, rng))
+    x = torch.from_numpy(rng.standard_normal((2, 5, 128)).astype(np.float32))
+    try:
+        for name in kernels.cpu_features().get("available_isas", []):
+            mod.select_isa(name)
+            results.append(kernels.head_linear(x, raw, G.Q8_0, 2, 40, 128))
+    finally:
+        mod.select_isa(before)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
 @pytest.mark.parametrize("ggml_type", sorted(FLOAT_TYPES), ids=lambda t: t.name)
 def test_float_heads_use_float_activations(isa, ggml_type):
     for H, N, K, M in [(8, 64, 128, 1), (3, 5, 37, 2), (1, 1, 1, 1), (64, 3, 5, 1)]:  # vector tails, tiny heads

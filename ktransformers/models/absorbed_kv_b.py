@@ -2,7 +2,8 @@
 space, W_UV [H, v, kv_lora] maps the attention's latent output to values (see mla.py).
 
 Both forms answer `absorb_query(q_nope [T, H, nope]) -> [H, T, kv_lora]` and
-`expand_values(latent [H, T, kv_lora]) -> [T, H, v]`:
+`expand_values(latent [H, T, kv_lora]) -> [T, H, v]`; AbsorbedKVB also expands cache rows into
+per-head keys and values (`expand_keys_values`) for long GPU prefill chunks (mla.py):
 
 - AbsorbedKVB: float tensors and torch.bmm (GPU placements, and the CPU without native kernels);
 - NativeAbsorbedKVB: the CPU rules' cpu_quant form, per-head products on the native kernel pool
@@ -42,6 +43,14 @@ class AbsorbedKVB(nn.Module):
         if w_uv.device.type == "cpu":
             return torch.bmm(w_uv, latent.to(w_uv.dtype).transpose(1, 2)).permute(2, 0, 1)
         return torch.bmm(latent.to(w_uv.dtype), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def expand_keys_values(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [S, kv_lora] -> (keys' nope part [S, H, nope], values [S, H, v]): one matmul each."""
+        heads, _, width = self.w_uk.shape
+        latent = latent.to(self.w_uk.dtype)
+        keys = latent @ self.w_uk.reshape(-1, width).T
+        values = latent @ self.w_uv.reshape(-1, width).T
+        return keys.view(latent.shape[0], heads, -1), values.view(latent.shape[0], heads, -1)
 
     def extra_repr(self):
         return f"w_uk={tuple(self.w_uk.shape)}, w_uv={tuple(self.w_uv.shape)}, dtype={self.w_uk.dtype}"

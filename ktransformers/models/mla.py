@@ -7,21 +7,36 @@ and the latent-space output is mapped to values through W_UV:
 
     score[h, t, s] = (q_nope[t, h] W_UK[h]) . latent[s] + q_rope[t, h] . k_rope[s]
     out[t, h]      = W_UV[h] (sum_s softmax(score)[h, t, s] latent[s])
+
+Long prefill chunks on a GPU take the other form instead: the cache rows are expanded into per-head
+keys [latent W_UK[h]^T | k_rope] and values latent W_UV[h]^T, and torch's fused (flash) attention
+runs per head. Scoring then costs nope + rope + v = 320 multiply-adds per head, query and key
+instead of 2 * kv_lora + rope = 1088, which pays for the expansion once a chunk has a few hundred
+tokens, and no score matrix is materialized.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from ktransformers import kernels
 from ktransformers.operators.cpu_quant import LinearGroup
 
-from .absorbed_kv_b import NativeAbsorbedKVB
+from .absorbed_kv_b import AbsorbedKVB, NativeAbsorbedKVB
 from .config import DeepseekConfig, softmax_scale
 from .layers import run
 from .rope import RopeTable
 
 # Score-matrix elements per attention call; longer prefill chunks are split into query blocks.
 MAX_SCORE_ELEMENTS = 1 << 26
+# GPU prefill chunks of at least this many tokens use the expanded form (module docstring): the
+# expansion costs H * kv_lora * (nope + v) multiply-adds per key, which the cheaper scoring repays
+# from ~350 query tokens on
+EXPANDED_MIN_TOKENS = 512
+# ... while the context's expanded keys and values fit in this many bytes (80 KB a row at 128 heads
+# and bfloat16: 13K rows); past that the absorbed form, whose temporaries do not grow with the context
+EXPANDED_MAX_BYTES = 1 << 30
 
 
 def native_decode_attention(cache: torch.Tensor) -> bool:
@@ -68,6 +83,9 @@ class MLAttention(nn.Module):
         self.register_buffer("kv_slots", torch.zeros(n_slots, max_context, self.kv_lora_rank + self.rope_dim,
                                                      device=self.device, dtype=self.dtype), persistent=False)
         self.register_buffer("key_index", torch.arange(max_context, device=self.device), persistent=False)
+        # chunks this long take the expanded form (None: never); the CPU keeps the absorbed one, whose
+        # native products give prefill and decode the same bits
+        self.expanded_min_tokens = EXPANDED_MIN_TOKENS if self.device.type == "cuda" else None
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -102,6 +120,13 @@ class MLAttention(nn.Module):
         out = self.kv_b_proj.expand_values(out_latent.view(self.n_heads, n_tokens, -1))  # [T, H, v]
         return run(self.o_proj, out.reshape(n_tokens, self.n_heads * self.v_dim).to(self.dtype))
 
+    def _heads(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_nope [T, H, nope], rotated q_rope [T, H, rope], new cache rows [T, kv_lora + rope_dim])."""
+        q_nope, q_rope = self._query(x).view(x.shape[0], self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self._compress(x)
+        rows = torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1)
+        return q_nope, self.rope.apply(q_rope, rotations), rows
+
     def _project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(absorbed query rows, new cache rows [T, kv_lora + rope_dim]) for x at the rotations' positions."""
         if self._native_project:  # the CPU rules: the same steps in two native calls instead of ~20 torch ops
@@ -111,10 +136,8 @@ class MLAttention(nn.Module):
                                                       self.n_heads, self.nope_dim, self.rope_dim)
             self.kv_b_proj.w_uk(q_nope, out=query)  # the absorbed query fills the latent columns
             return query.view(-1, self.kv_lora_rank + self.rope_dim), rows
-        q_nope, q_rope = self._query(x).view(x.shape[0], self.n_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self._compress(x)
-        rows = torch.cat([latent, self.rope.apply(k_rope, rotations)], dim=-1)
-        return self._absorbed_query(q_nope, self.rope.apply(q_rope, rotations)), rows
+        q_nope, q_rope, rows = self._heads(x, rotations)
+        return self._absorbed_query(q_nope, q_rope), rows
 
     def forward(self, x: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
         """x [T, hidden] for positions start_pos..start_pos+T-1 of one sequence -> [T, hidden]; writes those
@@ -124,10 +147,36 @@ class MLAttention(nn.Module):
         cache = self.kv_slots[slot]
         if n_tokens == 1 and self._native_project and native_decode_attention(cache):
             return self._native_step(x, start_pos, cache)
+        if self._expands(n_tokens, end):
+            q_nope, q_rope, rows = self._heads(x, self.rope.rotations(start_pos, end, self.device))
+            cache[start_pos:end] = rows
+            return run(self.o_proj, self._expanded_attention(q_nope, q_rope, cache[:end]))
         query, rows = self._project(x, self.rope.rotations(start_pos, end, self.device))
         cache[start_pos:end] = rows
         keys = cache[:end]
         return self._output(self._attend(query, keys, keys[:, :self.kv_lora_rank], start_pos, n_tokens), n_tokens)
+
+    def _expands(self, n_tokens: int, n_keys: int) -> bool:
+        """Whether a chunk of n_tokens over n_keys cache rows takes the expanded form."""
+        if self.expanded_min_tokens is None or n_tokens < self.expanded_min_tokens \
+                or not isinstance(self.kv_b_proj, AbsorbedKVB):
+            return False
+        row_bytes = self.n_heads * (self.nope_dim + self.rope_dim + self.v_dim) * self.kv_slots.element_size()
+        return n_keys * row_bytes <= EXPANDED_MAX_BYTES
+
+    def _expanded_attention(self, q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the chunk's T queries (the last T of the cache rows `keys` [S, width]) with
+        per-head keys and values expanded from the latent rows -> o_proj's input [T, H * v]."""
+        n_tokens, n_keys = q_nope.shape[0], keys.shape[0]
+        latent, k_rope = keys.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, values = self.kv_b_proj.expand_keys_values(latent)  # [S, H, nope], [S, H, v]
+        head_keys = torch.cat([k_nope.to(self.dtype), k_rope[:, None].expand(n_keys, self.n_heads, self.rope_dim)], -1)
+        query = torch.cat([q_nope, q_rope], dim=-1).to(self.dtype)
+        # [1, H, rows, dim] views; the mask aligns the chunk's queries with the last keys
+        out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], head_keys.transpose(0, 1)[None],
+                                             values.to(self.dtype).transpose(0, 1)[None],
+                                             attn_mask=causal_lower_right(n_tokens, n_keys), scale=self.scale)
+        return out[0].transpose(0, 1).reshape(n_tokens, self.n_heads * self.v_dim)
 
     def _native_step(self, x: torch.Tensor, position: int, cache: torch.Tensor) -> torch.Tensor:
         """One token on the CPU rules: the linears, then everything between them in one native call."""

@@ -39,6 +39,13 @@ using RowDot = float (*)(const uint8_t* w, const Q8Row& x, int64_t n);
 constexpr int kMultiRows = 8;
 using RowDotMulti = void (*)(const uint8_t* w, const Q8Row* x, int nx, float* out, int64_t n);
 
+// Optional: rows shorter than 256 values (MLA's W_UK), nrows <= 8 weight rows `row_bytes` apart
+// against nx <= kMultiRows activation rows: out[j * out_ld + i] = dot(row i, x[j]). Decode and
+// prefill both take this form for such rows, so their results agree bit for bit.
+constexpr int64_t kShortRowLimit = 256;
+using ShortRowsDot = void (*)(const uint8_t* w, int64_t row_bytes, int nrows, const Q8Row* x, int nx, int64_t n,
+                              float* out, int64_t out_ld);
+
 // Float weights (F32/F16/BF16) take float activations: no activation quantization error.
 using FloatRowDot = float (*)(const uint8_t* w, const float* x, int64_t n);
 

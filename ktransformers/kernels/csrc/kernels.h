@@ -11,6 +11,7 @@ struct KernelSet {
     // activation rows a dot_multi form shares one weight decode between (4 or kMultiRows; set for
     // every type): prefill groups tokens by it, so a group's activations stay in L1
     int multi_width[kMaxGGMLType] = {};
+    ShortRowsDot short_rows[kMaxGGMLType] = {};  // optional: rows of fewer than kShortRowLimit values
     FloatRowDot float_dot[kMaxGGMLType] = {};  // F32/F16/BF16 weights x float activations
     double (*stream_sum)(const uint8_t* p, size_t n) = nullptr;
     // one activation row -> n/32 Q8Row blocks (q, d, sum, sum16)

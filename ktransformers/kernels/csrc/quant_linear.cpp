@@ -46,9 +46,9 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
     const int64_t ahead = M <= 2 ? prefetch_rows(w.row_bytes) : 0;
     // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
-    // the chunk's rows: group_body(xrow, nx, each_row) takes the group's activation rows xrow.. once,
-    // then each_row(f) calls f(row, o) for the chunk's rows (prefetching ahead in decode), and f writes
-    // o[j * out_ld] = row . x[xrow + j] for j < nx. Groups of a whole tile read each weight row once;
+    // the chunk's rows: group_body(xrow, nx, each_rows) takes the group's activation rows xrow.. once,
+    // then each_rows(step, f) calls f(row, o, count) for the chunk's rows, `step` at a time (prefetching
+    // ahead in decode), and f writes o[j * out_ld + i] = row i . x[xrow + j] for i < count, j < nx. Groups of a whole tile read each weight row once;
     // the prefill groups of a few tokens keep their activations in L1 while the chunk's rows (in L2
     // after the first) go by.
     auto for_each_group = [&](int64_t group, auto&& group_body) {
@@ -59,48 +59,62 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
             const uint8_t* rows = w.data + h * head_stride;
             for (int64_t t = t0; t < t1; t += group) {
                 float* o = out + (h * M + t) * out_ld;
-                auto each_row = [&](auto&& f) {
-                    for (int64_t r = r0; r < r1; ++r) {
-                        if (ahead && r + ahead < r1) prefetch(rows + (r + ahead) * w.row_bytes, w.row_bytes);
-                        f(rows + r * w.row_bytes, o + r);
+                // f(row, o, count) for runs of `step` rows (the last may be shorter)
+                auto each_rows = [&](int64_t step, auto&& f) {
+                    for (int64_t r = r0; r < r1; r += step) {
+                        const int64_t count = std::min(step, r1 - r);
+                        if (ahead && r + ahead < r1)
+                            prefetch(rows + (r + ahead) * w.row_bytes, std::min(count, r1 - r - ahead) * w.row_bytes);
+                        f(rows + r * w.row_bytes, o + r, int(count));
                     }
                 };
-                group_body(h * M + t, int(std::min(group, t1 - t)), each_row);
+                group_body(h * M + t, int(std::min(group, t1 - t)), each_rows);
             }
         });
     };
     if (is_float_type(w.ggml_type)) {
         const FloatRowDot dot = k->float_dot[w.ggml_type];
-        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_row) {
-            each_row([&](const uint8_t* row, float* o) {
+        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_rows) {
+            each_rows(1, [&](const uint8_t* row, float* o, int) {
                 for (int j = 0; j < nx; ++j) o[j * out_ld] = dot(row, x + (xrow + j) * K, K);
             });
         });
         return;
     }
+    const ShortRowsDot short_rows = K < kShortRowLimit ? k->short_rows[w.ggml_type] : nullptr;
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
-    const Q8Rows xq = quantize_rows(x, heads * M, K, multi && M > 1);
+    const Q8Rows xq = quantize_rows(x, heads * M, K, !short_rows && multi && M > 1);
+    if (short_rows) {  // decode and prefill alike: 8 weight rows by up to kMultiRows tokens a call
+        for_each_group(kMultiRows, [&](int64_t xrow, int nx, auto&& each_rows) {
+            Q8Row xs[kMultiRows] = {};
+            for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + j);
+            each_rows(8, [&](const uint8_t* row, float* o, int count) {
+                short_rows(row, w.row_bytes, count, xs, nx, K, o, out_ld);
+            });
+        });
+        return;
+    }
     if (!multi || M == 1) {
-        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_row) {
-            if (nx == 1) {  // decode: the plainest loop (short rows such as W_UK's feel every instruction)
+        for_each_group(kTokenTile, [&](int64_t xrow, int nx, auto&& each_rows) {
+            if (nx == 1) {  // decode: the plainest loop
                 const Q8Row x0 = xq.row(xrow);
-                each_row([&](const uint8_t* row, float* o) { *o = dot(row, x0, K); });
+                each_rows(1, [&](const uint8_t* row, float* o, int) { *o = dot(row, x0, K); });
                 return;
             }
             Q8Row xs[kTokenTile];
             for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + j);
-            each_row([&](const uint8_t* row, float* o) {
+            each_rows(1, [&](const uint8_t* row, float* o, int) {
                 for (int j = 0; j < nx; ++j) o[j * out_ld] = dot(row, xs[j], K);
             });
         });
         return;
     }
     // prefill: groups of as many tokens as the type's multi-row kernel decodes a weight block for
-    for_each_group(k->multi_width[w.ggml_type], [&](int64_t xrow, int nx, auto&& each_row) {
+    for_each_group(k->multi_width[w.ggml_type], [&](int64_t xrow, int nx, auto&& each_rows) {
         Q8Row xs[kMultiRows] = {};
         for (int j = 0; j < nx; ++j) xs[j] = xq.row(xrow + j);
-        each_row([&](const uint8_t* row, float* o) {
+        each_rows(1, [&](const uint8_t* row, float* o, int) {
             float res[kMultiRows];
             multi(row, xs, nx, res, K);
             for (int j = 0; j < nx; ++j) o[j * out_ld] = res[j];
@@ -131,6 +145,12 @@ void linear_group(const float* x, const QuantMatrix* ws, float* const* outs, int
         // each dot as quant_linear's decode form takes it: the same bits
         const FloatRowDot float_dot = is_float_type(w.ggml_type) ? k->float_dot[w.ggml_type] : nullptr;
         const RowDot dot = float_dot ? nullptr : k->dot[w.ggml_type];
+        const ShortRowsDot short_rows = !float_dot && K < kShortRowLimit ? k->short_rows[w.ggml_type] : nullptr;
+        if (short_rows) {
+            for (int64_t r = item.r0; r < item.r1; r += 8)
+                short_rows(w.row(r), w.row_bytes, int(std::min<int64_t>(8, item.r1 - r)), &xr, 1, K, out + r, 0);
+            return;
+        }
         for (int64_t r = item.r0; r < item.r1; ++r) {
             if (ahead && r + ahead < item.r1) prefetch(w.row(r + ahead), w.row_bytes);
             out[r] = float_dot ? float_dot(w.row(r), x, K) : dot(w.row(r), xr, K);
