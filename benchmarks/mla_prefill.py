@@ -1,13 +1,21 @@
-"""One MLA layer's prefill chunk on the GPU: the absorbed form against the expanded one (mla.py).
+"""MLA prefill attention: on the GPU the absorbed form against the expanded one, on the CPU the
+native causal kernel against torch's masked matmuls (mla.py).
 
     python benchmarks/mla_prefill.py --gguf FILE [--tokens 512,4096] [--context 0,8192] [--reps 5]
+    python benchmarks/mla_prefill.py --cpu [--tokens 128,512] [--context 0,512,4096] [--threads N]
 
+GPU (--gguf):
 Layer 0's attention of FILE, placed by the GPU rules, runs a chunk of --tokens tokens after
 --context cache rows, in each form; printed: ms per chunk (the whole layer, linears included), the
 expanded form's speed-up, and each form's attention multiply-adds (scores + weighted sum, causal
 half counted; the expansion matmuls counted as the expanded form's own) over that time. Also the raw fused-attention call at those
 widths under each SDPA backend torch offers, with values as they are (v = 128) and padded to the
 key width (flash attention wants equal widths), to show which backend the layer gets.
+
+CPU (--cpu): the attention between the absorbed products alone, at DeepSeek-V3's widths (128 heads,
+576-wide latent rows): kernels.mla_prefill_attention (each token scores its causal prefix only, on
+the kernel pool) against torch (every key scored, then masked); ms and GFLOP/s of each one's own
+multiply-adds. mla.py picks the native kernel for chunks at least as long as the context before them.
 """
 
 from __future__ import annotations
@@ -16,27 +24,61 @@ import argparse
 import statistics
 import time
 
+from types import SimpleNamespace
+
 import ktransformers  # noqa: F401
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from ktransformers import kernels
+from ktransformers.models import mla
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, reps: int) -> float:
     """Median seconds of fn() over reps runs after one warm-up, synchronized."""
     fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def cpu_attention(tokens, contexts, reps: int, heads=128, kv_lora=512, rope=64):
+    """The CPU rules' two ways through MLAttention._attend for a chunk of prefill queries."""
+    width = kv_lora + rope
+    layer = SimpleNamespace(device=torch.device("cpu"), scale=0.1, kv_lora_rank=kv_lora)
+    print(f"CPU, {kernels.cpu_features()['threads']} kernel threads, {torch.get_num_threads()} torch threads; "
+          f"{heads} heads, {width}-wide rows, float32")
+    print(f"{'tokens':>6} {'context':>7} {'native ms':>10} {'torch ms':>9} {'native GFLOP/s':>15} {'torch GFLOP/s':>14} "
+          f"{'native / torch time':>20}")
+    for context in contexts:
+        for n in tokens:
+            query, keys = torch.randn(heads * n, width), torch.randn(context + n, width)
+            native = timed(lambda: kernels.mla_prefill_attention(query, keys, n, kv_lora, 0.1), reps)
+            real = mla.native_attention
+            mla.native_attention = lambda cache: False
+            try:
+                matmuls = timed(lambda: mla.MLAttention._attend(layer, query, keys, keys[:, :kv_lora], context, n), reps)
+            finally:
+                mla.native_attention = real
+            per_pair = 2 * (width + kv_lora)  # flops of one query row against one key: score + weighted sum
+            flops_native = heads * n * (context + (n + 1) / 2) * per_pair
+            flops_torch = heads * n * (context + n) * per_pair
+            print(f"{n:6d} {context:7d} {native * 1e3:10.2f} {matmuls * 1e3:9.2f} {flops_native / native / 1e9:15.1f} "
+                  f"{flops_torch / matmuls / 1e9:14.1f} {native / matmuls:20.2f}")
 
 
 def attention_macs(attn, n_tokens: int, n_keys: int, expanded: bool) -> float:
@@ -71,13 +113,21 @@ def sdpa_backends(attn, n_tokens: int, n_keys: int, reps: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--gguf", help="GPU: the file whose layer 0 attention runs")
+    parser.add_argument("--cpu", action="store_true", help="the CPU attention kernels instead (no file needed)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU: kernel pool threads")
     parser.add_argument("--tokens", default="512,4096")
     parser.add_argument("--context", default="0,8192")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
+    if args.cpu:
+        if args.threads:
+            kernels.set_num_threads(args.threads)
+        return cpu_attention(tokens, contexts, args.reps)
+    if not args.gguf:
+        parser.error("--gguf FILE (GPU), or --cpu")
     max_context = max(tokens) + max(contexts)
     model = load_model(args.gguf, device="cuda", optimize_config_path=default_rules_path(True),
                        max_context=max_context).model

@@ -149,6 +149,22 @@ def test_decode_attention_keeps_peaked_softmax_finite():
     torch.testing.assert_close(got.double(), reference_attention(q, cache, 64, 1.0), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("start, T", [(0, 1), (0, 9), (250, 12), (500, 20)])  # blocks: one; one; straddled; two+
+def test_prefill_attention_is_causal_softmax_attention_with_decode_bits(isa, start, T):
+    """Token t of a chunk at positions start.. attends cache rows 0..start+t: the float64 softmax over that
+    prefix, and bit for bit what the decode kernel gives that token alone over the same rows."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    for H, D, V in [(16, 576, 512), (5, 40, 33)]:
+        q, cache = torch.randn(H, T, D, generator=gen), torch.randn(start + T, D, generator=gen)
+        got = kernels.mla_prefill_attention(q.reshape(H * T, D), cache, T, V, 0.1).view(H, T, V)
+        for t in range(T):
+            rows = cache[:start + t + 1]
+            torch.testing.assert_close(got[:, t].double(), reference_attention(q[:, t], rows, V, 0.1), rtol=1e-5,
+                                       atol=1e-5, msg=lambda m: f"H={H} start={start} t={t} seed={seed}: {m}")
+            assert torch.equal(got[:, t], kernels.mla_decode_attention(q[:, t], rows, V, 0.1))
+
+
 def test_bad_attention_input_is_rejected_with_the_reason():
     with pytest.raises(ValueError, match="value_dim"):
         kernels.mla_decode_attention(torch.zeros(2, 8), torch.zeros(3, 8), 9, 1.0)
@@ -156,6 +172,10 @@ def test_bad_attention_input_is_rejected_with_the_reason():
         kernels.mla_decode_attention(torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(3, 8), 4, 1.0)
     with pytest.raises(ValueError, match=r"S>0"):
         kernels.mla_decode_attention(torch.zeros(2, 8), torch.zeros(0, 8), 4, 1.0)
+    with pytest.raises(ValueError, match=r"S >= T"):  # 3 tokens cannot be the last rows of a 2-row cache
+        kernels.mla_prefill_attention(torch.zeros(6, 8), torch.zeros(2, 8), 3, 4, 1.0)
+    with pytest.raises(ValueError, match=r"H \* T"):  # 7 query rows are no whole number of heads of 2 tokens
+        kernels.mla_prefill_attention(torch.zeros(7, 8), torch.zeros(4, 8), 2, 4, 1.0)
 
 
 def test_float_kv_b_on_the_cpu_makes_the_reduced_dimension_contiguous():

@@ -58,7 +58,7 @@ def test_absorbed_weights_are_read_from_the_file_mapping(models):
             assert any(lo <= start and end <= hi for lo, hi in ranges)
 
 
-def test_native_decode_attention_equals_torch_attention(models, monkeypatch):
+def test_native_decode_step_equals_torch_attention(models, monkeypatch):
     _, _, native, _ = models
     attn = native.model.layers[0].self_attn
     calls = []
@@ -67,11 +67,30 @@ def test_native_decode_attention_equals_torch_attention(models, monkeypatch):
     xs = torch.randn(6, native.config.hidden_size, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         attn(xs[:5], 0)
-        assert calls == []  # a prefill chunk: torch's matmuls
+        assert calls == []  # a prefill chunk: not the one-call step
         fast = attn(xs[5:], 5)
         assert calls == [5]  # one native call (prepare, W_UK, attention over rows 0..5, W_UV)
-        monkeypatch.setattr(mla, "native_decode_attention", lambda cache: False)
+        monkeypatch.setattr(mla, "native_attention", lambda cache: False)
         slow = attn(xs[5:], 5)  # rewrites the same cache row, then torch's attention
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_native_prefill_attention_equals_torch_attention(models, monkeypatch):
+    """A prefill chunk after earlier rows attends on the kernel pool (mla_prefill_attention), causally."""
+    _, _, native, _ = models
+    attn = native.model.layers[0].self_attn
+    calls = []
+    real = kernels.mla_prefill_attention
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a: calls.append(a[2]) or real(*a))
+    xs = torch.randn(9, native.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        attn(xs[:4], 0)
+        fast = attn(xs[4:], 4)
+        assert calls == [4, 5]
+        attn(xs[7:], 7)  # 2 tokens after 7 rows: torch's matmuls, the faster there
+        assert calls == [4, 5]
+        monkeypatch.setattr(mla, "native_attention", lambda cache: False)
+        slow = attn(xs[4:], 4)  # the same cache rows again, then torch's masked attention
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 

@@ -293,6 +293,28 @@ def mla_decode_attention(q: torch.Tensor, cache: torch.Tensor, value_dim: int, s
     return out
 
 
+def mla_prefill_attention(q: torch.Tensor, cache: torch.Tensor, n_tokens: int, value_dim: int,
+                          scale: float) -> torch.Tensor:
+    """A prefill chunk's causal MLA attention on the kernel pool: q float32 [H * T, D] head-major (row
+    h * T + t) for the chunk's T = n_tokens tokens, the last T of the cache rows [S, D] -> float32
+    [H * T, value_dim]. Token t sees rows 0..S-T+t; its output equals mla_decode_attention's for it."""
+    mod = require()
+    ok = (isinstance(q, torch.Tensor) and isinstance(cache, torch.Tensor) and q.dim() == 2 and cache.dim() == 2
+          and q.shape[1] == cache.shape[1] and q.dtype == cache.dtype == torch.float32
+          and q.device.type == cache.device.type == "cpu" and 0 < value_dim <= q.shape[1]
+          and 0 < n_tokens <= cache.shape[0] and q.shape[0] % n_tokens == 0)
+    if not ok:
+        raise ValueError(f"mla_prefill_attention: need CPU float32 q [H * T, D] and cache [S >= T, D] with "
+                         f"0 < value_dim <= D, got q {_describe(q)}, cache {_describe(cache)}, T {n_tokens}, "
+                         f"value_dim {value_dim}")
+    q, cache = q.contiguous(), cache.contiguous()
+    heads = q.shape[0] // n_tokens
+    out = torch.empty(q.shape[0], value_dim, dtype=torch.float32)
+    mod.mla_prefill_attention(q.numpy(), heads, n_tokens, cache.numpy(), cache.shape[0] - n_tokens, q.shape[1],
+                              value_dim, float(scale), out.numpy())
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of a CPU float32 tensor, times `weight` (float32 [n]), as
     torch.nn.functional.rms_norm computes it: one native call instead of a handful of torch ops."""

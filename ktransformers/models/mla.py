@@ -39,9 +39,10 @@ EXPANDED_MIN_TOKENS = 512
 EXPANDED_MAX_BYTES = 1 << 30
 
 
-def native_decode_attention(cache: torch.Tensor) -> bool:
-    """One-token attention over a float32 CPU cache runs on the native kernel pool: torch's matmuls
-    there would wake torch's OpenMP threads, which contend with the pool that just ran the linears."""
+def native_attention(cache: torch.Tensor) -> bool:
+    """Attention over a float32 CPU cache runs on the native kernel pool (decode steps and prefill chunks):
+    torch's matmuls there would wake torch's OpenMP threads, which contend with the pool that just ran
+    the linears, and a chunk's scores would be computed for every key, the masked ones too."""
     return cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
 
 
@@ -145,7 +146,7 @@ class MLAttention(nn.Module):
         n_tokens = x.shape[0]
         end = start_pos + n_tokens
         cache = self.kv_slots[slot]
-        if n_tokens == 1 and self._native_project and native_decode_attention(cache):
+        if n_tokens == 1 and self._native_project and native_attention(cache):
             return self._native_step(x, start_pos, cache)
         if self._expands(n_tokens, end):
             q_nope, q_rope, rows = self._heads(x, self.rope.rotations(start_pos, end, self.device))
@@ -230,8 +231,14 @@ class MLAttention(nn.Module):
 
     def _attend(self, query, keys, values, start_pos: int, n_tokens: int):
         """Causal softmax attention of query rows (head-major: row = h * T + t) over cache rows 0..end-1."""
-        if n_tokens == 1 and native_decode_attention(keys):
-            return kernels.mla_decode_attention(query, keys, self.kv_lora_rank, self.scale)
+        if native_attention(keys):  # the CPU rules: on the kernel pool
+            if n_tokens == 1:
+                return kernels.mla_decode_attention(query, keys, self.kv_lora_rank, self.scale)
+            if start_pos <= n_tokens:
+                # a chunk at least as long as the context before it: scoring only each token's causal
+                # prefix saves a quarter to a half of torch's multiply-adds (2-core Zen 4, 128 tokens
+                # from 0: 36 against 49 ms); after a longer context torch's matmuls are the faster
+                return kernels.mla_prefill_attention(query, keys, n_tokens, self.kv_lora_rank, self.scale)
         n_keys = keys.shape[0]
         rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
         outputs = []

@@ -228,6 +228,20 @@ void mla_decode_attention(py::buffer q, int64_t H, py::buffer cache, int64_t S, 
     kt::mla_decode_attention(qp, H, cp, S, D, V, scale, op);
 }
 
+void mla_prefill_attention(py::buffer q, int64_t H, int64_t T, py::buffer cache, int64_t start, int64_t D, int64_t V,
+                           float scale, py::buffer out) {
+    kernels_or_throw();
+    if (H <= 0 || T <= 0 || start < 0 || D <= 0 || V <= 0 || V > D)
+        throw py::value_error("mla_prefill_attention: need H, T, D > 0, start >= 0 and 0 < V <= D, got H=" +
+                              std::to_string(H) + " T=" + std::to_string(T) + " start=" + std::to_string(start) +
+                              " D=" + std::to_string(D) + " V=" + std::to_string(V));
+    const float* qp = buffer_ptr<float>(q, "q", H * T * D);
+    const float* cp = buffer_ptr<float>(cache, "cache", (start + T) * D);
+    float* op = buffer_ptr<float>(out, "out", H * T * V, true);
+    py::gil_scoped_release release;
+    kt::mla_prefill_attention(qp, H, T, cp, start, D, V, scale, op);
+}
+
 // out[r] = RMSNorm(x[r]) * w for M rows of n floats; rows in parallel on the pool when there are many.
 void rms_norm(py::buffer x, int64_t M, int64_t n, py::buffer w, float eps, py::buffer out) {
     const kt::KernelSet& k = kernels_or_throw();
@@ -310,6 +324,7 @@ PYBIND11_MODULE(_cpu, m) {
     });
     m.def("mla_decode", &mla_decode, "one decode token of MLA from q_b/kv_a outputs to W_UV's (cache row written)");
     m.def("mla_decode_attention", &mla_decode_attention, "one-token MLA attention over float32 latent cache rows");
+    m.def("mla_prefill_attention", &mla_prefill_attention, "a prefill chunk's causal MLA attention over float32 latent cache rows");
     m.def("moe_route", &moe_route, "the MoE router's experts and weights from its logits");
     m.def("rms_norm", &rms_norm, "out = RMSNorm(x) * weight, row by row, float32");
     m.def("quantize_q8", &quantize_q8, "one float row -> (int8 bytes, block scales, block sums)");

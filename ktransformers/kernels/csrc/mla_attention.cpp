@@ -4,6 +4,8 @@
 // heads. Each item leaves a softmax partial (max, sum, weighted values); the partials of a head
 // are merged at the end, as in flash-decoding. Running here rather than in torch keeps torch's
 // OpenMP threads asleep during decode: they would contend with the pool's spinning workers.
+// mla_prefill_attention does the same for a prefill chunk's tokens, each over its own causal prefix;
+// it merges a token's blocks as decode does, so the token's output has decode's bits.
 // mla_decode chains the whole step between the linears in one call: at decode the torch glue
 // between five separate calls cost more than their arithmetic.
 #include <algorithm>
@@ -19,6 +21,28 @@ namespace kt {
 namespace {
 constexpr int64_t kHeadsPerItem = 8;
 constexpr int64_t kRowsPerBlock = 256;  // 576 float32 values a row: ~590 KB, within L2
+
+// One head's output o[0..V) from its cache blocks' softmax partials: block b's max m[b * stride],
+// sum l[b * stride] and weighted values acc[b * acc_stride..]. Decode and prefill both merge
+// here, in this order, so a token's output has the same bits either way. acc may alias o.
+void merge_partials(const float* m, const float* l, const float* acc, int64_t blocks, int64_t stride,
+                    int64_t acc_stride, int64_t V, float* o) {
+    if (blocks == 1) {
+        for (int64_t j = 0; j < V; ++j) o[j] = acc[j] / l[0];
+        return;
+    }
+    float top = m[0];
+    for (int64_t b = 1; b < blocks; ++b) top = std::max(top, m[b * stride]);
+    float total = 0.0f;
+    std::fill(o, o + V, 0.0f);
+    for (int64_t b = 0; b < blocks; ++b) {
+        const float w = std::exp(m[b * stride] - top);
+        total += w * l[b * stride];
+        const float* a = acc + b * acc_stride;
+        for (int64_t j = 0; j < V; ++j) o[j] += w * a[j];
+    }
+    for (int64_t j = 0; j < V; ++j) o[j] /= total;
+}
 }  // namespace
 
 void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t S, int64_t D, int64_t V, float scale,
@@ -35,23 +59,30 @@ void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t
         k->attend_block(q + g0 * D, G, cache + s0 * D, C, D, V, scale, scratch.data(), &m[b * H + g0], &l[b * H + g0],
                         partial);
         if (blocks == 1)
-            for (int64_t g = 0; g < G; ++g)
-                for (int64_t j = 0; j < V; ++j) partial[g * V + j] /= l[g0 + g];
+            for (int64_t g = 0; g < G; ++g) merge_partials(&m[g0 + g], &l[g0 + g], partial + g * V, 1, H, 0, V, partial + g * V);
     });
     if (blocks == 1) return;
-    pool().run(H, [&](int64_t h) {
-        float* o = out + h * V;
-        float top = m[h];
-        for (int64_t b = 1; b < blocks; ++b) top = std::max(top, m[b * H + h]);
-        float total = 0.0f;
-        std::fill(o, o + V, 0.0f);
+    pool().run(H, [&](int64_t h) { merge_partials(&m[h], &l[h], &acc[h * V], blocks, H, H * V, V, out + h * V); });
+}
+
+void mla_prefill_attention(const float* q, int64_t H, int64_t T, const float* cache, int64_t start, int64_t D,
+                           int64_t V, float scale, float* out) {
+    const KernelSet* k = active_kernels();
+    const int64_t groups = (H + kHeadsPerItem - 1) / kHeadsPerItem;
+    // items (token, head group), later tokens first: they see the most rows, so the pool ends evenly
+    pool().run(T * groups, [&](int64_t item) {
+        const int64_t t = T - 1 - item / groups, g0 = item % groups * kHeadsPerItem, G = std::min(kHeadsPerItem, H - g0);
+        const int64_t S = start + t + 1, blocks = (S + kRowsPerBlock - 1) / kRowsPerBlock;
+        std::vector<float> rows(G * D), scratch(G * std::min(S, kRowsPerBlock)), m(blocks * G), l(blocks * G),
+            acc(blocks * G * V);
+        for (int64_t g = 0; g < G; ++g) std::copy_n(q + ((g0 + g) * T + t) * D, D, &rows[g * D]);
         for (int64_t b = 0; b < blocks; ++b) {
-            const float w = std::exp(m[b * H + h] - top);
-            total += w * l[b * H + h];
-            const float* a = &acc[(b * H + h) * V];
-            for (int64_t j = 0; j < V; ++j) o[j] += w * a[j];
+            const int64_t s0 = b * kRowsPerBlock, C = std::min(kRowsPerBlock, S - s0);
+            k->attend_block(rows.data(), G, cache + s0 * D, C, D, V, scale, scratch.data(), &m[b * G], &l[b * G],
+                            &acc[b * G * V]);
         }
-        for (int64_t j = 0; j < V; ++j) o[j] /= total;
+        for (int64_t g = 0; g < G; ++g)
+            merge_partials(&m[g], &l[g], &acc[g * V], blocks, G, G * V, V, out + ((g0 + g) * T + t) * V);
     });
 }
 

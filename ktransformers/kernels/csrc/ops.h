@@ -57,6 +57,11 @@ void mla_prepare(const MlaShape& s, const float* q, const float* kv, const float
 // out[h, :V] = sum_s softmax_s(scale * q[h] . cache[s]) * cache[s, :V] for q [H, D].
 void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t S, int64_t D, int64_t V, float scale,
                           float* out);
+// Causal MLA attention of T tokens at positions start..start+T-1: q float32 [H, T, D] (head-major
+// rows), cache rows [start + T, D] -> out [H, T, V]; token t attends rows 0..start+t. Each token's
+// result equals mla_decode_attention's for it.
+void mla_prefill_attention(const float* q, int64_t H, int64_t T, const float* cache, int64_t start, int64_t D,
+                           int64_t V, float scale, float* out);
 
 // One decode token of MLA in a single call, from the linears' outputs to the values: mla_prepare
 // (T = 1), the absorbed W_UK product, attention over cache rows 0..position and W_UV. q and kv as
