@@ -15,7 +15,7 @@ key width (flash attention wants equal widths), to show which backend the layer 
 CPU (--cpu): the attention between the absorbed products alone, at DeepSeek-V3's widths (128 heads,
 576-wide latent rows): kernels.mla_prefill_attention (each token scores its causal prefix only, on
 the kernel pool) against torch (every key scored, then masked); ms and GFLOP/s of each one's own
-multiply-adds. mla.py picks the native kernel for chunks at least as long as the context before them.
+multiply-adds. mla.py picks the native kernel for long first chunks (NATIVE_PREFILL_MIN_TOKENS).
 """
 
 from __future__ import annotations

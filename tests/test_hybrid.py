@@ -104,8 +104,14 @@ def test_loader_decodes_eagerly_when_a_step_spans_devices(tiny_model, caplog):
     model = load(tiny_model, cuda=False)
     shared = moe_layers(model)[0].mlp.shared_experts.up_proj
     shared.placement = dataclasses.replace(shared.placement, device=torch.device("cuda", 7))  # read, never used
-    with caplog.at_level("WARNING", logger="ktransformers.models.loader"):
-        loader._set_up_gpu_decode(model, cuda_graphs=True)
+    before = kernels.num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="ktransformers.models.loader"):
+            loader._set_up_gpu_decode(model, cuda_graphs=True, cpu_threads=3)
+        # a GPU part: the native pool leaves one of the 3 threads to the thread that drives the GPU
+        assert kernels.num_threads() == 2
+    finally:
+        kernels.set_num_threads(before)
     assert model.step_decoder is None and "shared_experts.up_proj on cuda:7" in caplog.text
     assert all(isinstance(layer.mlp, OverlappedMoE) for layer in moe_layers(model))  # a GPU part: overlap
 

@@ -76,21 +76,23 @@ def test_native_decode_step_equals_torch_attention(models, monkeypatch):
 
 
 def test_native_prefill_attention_equals_torch_attention(models, monkeypatch):
-    """A prefill chunk after earlier rows attends on the kernel pool (mla_prefill_attention), causally."""
+    """A first prefill chunk of at least NATIVE_PREFILL_MIN_TOKENS attends on the kernel pool
+    (mla_prefill_attention), causally; later chunks keep torch's matmuls."""
     _, _, native, _ = models
     attn = native.model.layers[0].self_attn
     calls = []
     real = kernels.mla_prefill_attention
     monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(mla, "NATIVE_PREFILL_MIN_TOKENS", 5)
     xs = torch.randn(9, native.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        attn(xs[:4], 0)
-        fast = attn(xs[4:], 4)
-        assert calls == [4, 5]
-        attn(xs[7:], 7)  # 2 tokens after 7 rows: torch's matmuls, the faster there
-        assert calls == [4, 5]
+        attn(xs[:4], 0)  # shorter than the threshold
+        attn(xs[4:], 4)  # after earlier rows
+        assert calls == []
+        fast = attn(xs[:6], 0)
+        assert calls == [6]
         monkeypatch.setattr(mla, "native_attention", lambda cache: False)
-        slow = attn(xs[4:], 4)  # the same cache rows again, then torch's masked attention
+        slow = attn(xs[:6], 0)  # the same cache rows again, then torch's masked attention
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 

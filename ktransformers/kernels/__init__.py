@@ -76,6 +76,11 @@ def require():
     return _cpu
 
 
+def default_threads() -> int:
+    """The pool size without set_num_threads: KT_CPU_INFER, else the physical core count."""
+    return _default_threads()
+
+
 def _default_threads() -> int:
     env = os.environ.get("KT_CPU_INFER")
     if env:

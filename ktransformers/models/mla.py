@@ -30,6 +30,12 @@ from .rope import RopeTable
 
 # Score-matrix elements per attention call; longer prefill chunks are split into query blocks.
 MAX_SCORE_ELEMENTS = 1 << 26
+# CPU prefill: a first chunk of at least this many tokens attends on the kernel pool, scoring each
+# token's causal prefix only (half of torch's multiply-adds, at 256-bit vectors' speed): 512 tokens
+# took 82 ms against torch's 123 on 16 Sapphire Rapids cores (527 against 1063 on 2 Zen 4 cores).
+# Shorter chunks, and chunks after earlier rows, are faster in torch's matmuls there (128 tokens:
+# 6.3 against 4.5 ms; 512 after 512: 250 against 208): benchmarks/mla_prefill.py --cpu.
+NATIVE_PREFILL_MIN_TOKENS = 512
 # GPU prefill chunks of at least this many tokens use the expanded form (module docstring): the
 # expansion costs H * kv_lora * (nope + v) multiply-adds per key, which the cheaper scoring repays
 # from ~350 query tokens on
@@ -234,10 +240,7 @@ class MLAttention(nn.Module):
         if native_attention(keys):  # the CPU rules: on the kernel pool
             if n_tokens == 1:
                 return kernels.mla_decode_attention(query, keys, self.kv_lora_rank, self.scale)
-            if start_pos <= n_tokens:
-                # a chunk at least as long as the context before it: scoring only each token's causal
-                # prefix saves a quarter to a half of torch's multiply-adds (2-core Zen 4, 128 tokens
-                # from 0: 36 against 49 ms); after a longer context torch's matmuls are the faster
+            if start_pos == 0 and n_tokens >= NATIVE_PREFILL_MIN_TOKENS:
                 return kernels.mla_prefill_attention(query, keys, n_tokens, self.kv_lora_rank, self.scale)
         n_keys = keys.shape[0]
         rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
