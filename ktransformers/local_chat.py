@@ -105,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="device for the non-expert layers")
     parser.add_argument("--max_context", type=int, default=4096)
     parser.add_argument("--max_new_tokens", type=int, default=1000)
-    parser.add_argument("--chunk_size", type=int, default=512, help="prefill chunk length")
+    parser.add_argument("--chunk_size", type=int, default=None,
+                        help="prefill chunk length (default: the model's, 512, or 4096 where experts stream to the GPU)")
     parser.add_argument("--force_think", type=str2bool, default=False)
     parser.add_argument("--system_prompt", default=None)
     parser.add_argument("--temperature", type=float, default=None)

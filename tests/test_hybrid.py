@@ -18,12 +18,16 @@ from ktransformers.models import gguf_names
 from ktransformers.operators.cpu_quant import CpuQuantExperts
 from ktransformers.operators.experts import TorchExperts
 from ktransformers.operators.gpu_prefill_experts import StreamedExperts
-from ktransformers.models.hybrid_moe import HostStaging, OverlappedMoE, enable_overlap
+from ktransformers.models.hybrid_moe import (STREAMED_PREFILL_CHUNK, STREAMED_PREFILL_FREE_BYTES, HostStaging,
+                                             OverlappedMoE, enable_overlap, streamed_prefill_chunk,
+                                             streams_prefill_experts)
 from ktransformers.models.layers import MoE
 from ktransformers.models import loader
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
 from ktransformers.util.cuda_graph import StaticDecoder, step_devices
+from ktransformers.util.sequence import DEFAULT_PREFILL_CHUNK
+from ktransformers.util.utils import prefill_and_generate
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -289,3 +293,31 @@ def test_gpu_prefill_route_keeps_the_logits(tiny_model):
     got = model(PROMPT, 0)
     torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_streamed_experts_ask_for_long_prefill_chunks_where_the_gpu_has_room(tiny_model):
+    """Each prefill chunk streams every routed expert to the GPU again, so a model that streams them
+    takes long chunks, given the GPU memory for their activations."""
+    model = load(tiny_model, cuda=False)
+    assert model.prefill_chunk == DEFAULT_PREFILL_CHUNK and not streams_prefill_experts(model)
+    enable_overlap(model, prefill_min_tokens=None)
+    assert not streams_prefill_experts(model)  # overlap without streaming (a CPU gate)
+    moe_layers(model)[0].mlp.prefill_experts = object()
+    assert streams_prefill_experts(model)
+    assert streamed_prefill_chunk(STREAMED_PREFILL_FREE_BYTES, 512) == STREAMED_PREFILL_CHUNK
+    assert streamed_prefill_chunk(STREAMED_PREFILL_FREE_BYTES - 1, 512) == 512
+    assert streamed_prefill_chunk(STREAMED_PREFILL_FREE_BYTES, 2 * STREAMED_PREFILL_CHUNK) == 2 * STREAMED_PREFILL_CHUNK
+
+
+def test_generation_prefills_in_the_models_chunks_unless_told(tiny_model, monkeypatch):
+    model = load(tiny_model, cuda=False)
+    tokenizer = load_model(tiny_model(quant_mix="q4_k_m"), device="cpu", max_context=64).tokenizer
+    chunks = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, *a, **k: chunks.append(ids.shape[1]) or forward(ids, *a, **k))
+    model.prefill_chunk = 4
+    list(prefill_and_generate(model, tokenizer, list(range(3, 13)), max_new_tokens=1, eos_token_ids=[]))
+    assert chunks == [4, 4, 2]
+    chunks.clear()
+    list(prefill_and_generate(model, tokenizer, list(range(3, 13)), max_new_tokens=1, eos_token_ids=[], chunk_size=6))
+    assert chunks == [6, 4]

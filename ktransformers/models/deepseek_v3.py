@@ -15,6 +15,8 @@ placement rule of its name; this file only wires them together.
 import torch
 from torch import nn
 
+from ktransformers.util.sequence import DEFAULT_PREFILL_CHUNK
+
 from .config import DeepseekConfig
 from .layers import MLP, MoE, run
 from .mla import MLAttention
@@ -85,6 +87,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.lm_head = factory.linear("lm_head")
         # set by the loader on GPU: one-token steps then run through util/cuda_graph.StaticDecoder
         self.step_decoder = None
+        # prompt tokens per prefill pass (util/utils.generation_steps' default); the loader raises it
+        # when the routed experts of long chunks stream to a GPU (hybrid_moe.streamed_prefill_chunk)
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK
         # Per slot, the token ids whose rows its KV cache holds at positions 0..len-1, kept by the
         # forward calls themselves so any caller leaves them exact (util/prefix_cache.py reuses them).
         self.slot_ids: list[list[int]] = [[] for _ in range(n_slots)]

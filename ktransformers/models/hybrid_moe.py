@@ -28,6 +28,18 @@ _worker = None
 # prefill chunks of at least this many tokens run their routed experts on the GPU (when there is one):
 # measured on 16 Sapphire Rapids cores + H100, the CPU wins below a few hundred tokens
 PREFILL_MIN_TOKENS = 512
+# Prefill chunks when routed experts stream: each chunk uploads and decodes every expert of every MoE
+# layer again, whatever its length (H200 host: ~0.5 s a Q4_K_M layer per chunk, so a 4096-token prompt
+# in 512-token chunks cost ~4.1 s a layer), so long prompts go in long chunks where the GPU has the
+# memory for their activations (~1.5 GB at 4096 tokens of DeepSeek-V3's widths, 8 GiB asked free).
+STREAMED_PREFILL_CHUNK = 4096
+STREAMED_PREFILL_FREE_BYTES = 8 << 30
+
+
+def streamed_prefill_chunk(free_bytes: int, default: int) -> int:
+    """The prefill chunk for a model whose long chunks stream their routed experts to a GPU with
+    `free_bytes` of memory free after loading."""
+    return max(default, STREAMED_PREFILL_CHUNK) if free_bytes >= STREAMED_PREFILL_FREE_BYTES else default
 
 
 def expert_worker() -> ThreadPoolExecutor:
@@ -105,6 +117,11 @@ class OverlappedMoE(MoE):
             with torch.inference_mode():
                 return self.experts(*inputs)
         return routed
+
+
+def streams_prefill_experts(model) -> bool:
+    """Whether long prefill chunks of this model run their routed experts from streamed blocks."""
+    return any(getattr(layer.mlp, "prefill_experts", None) is not None for layer in model.model.layers)
 
 
 def enable_overlap(model, prefill_min_tokens: int | None = PREFILL_MIN_TOKENS) -> int:

@@ -16,7 +16,7 @@ from ktransformers.util.cuda_graph import StaticDecoder, step_devices
 
 from .config import DeepseekConfig, config_from_gguf, load_hf_config
 from .deepseek_v3 import DeepseekV3ForCausalLM
-from .hybrid_moe import enable_overlap
+from .hybrid_moe import enable_overlap, streamed_prefill_chunk, streams_prefill_experts
 from .module_factory import ModuleFactory
 from .tokenizer_from_gguf import tokenizer_from_gguf
 
@@ -136,6 +136,11 @@ def _set_up_gpu_decode(model, cuda_graphs: bool, cpu_threads: int | None = None)
         return  # CPU only: the model's forward, torch and the native pool take turns on the cores
     _leave_a_core_for_the_gpu_thread(cpu_threads)
     enable_overlap(model)
+    if streams_prefill_experts(model) and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(model.model.layers[0].self_attn.device)
+        model.prefill_chunk = streamed_prefill_chunk(free, model.prefill_chunk)
+        log.info("prefill chunks of %d tokens (routed experts of long chunks stream to the GPU; %.1f GB free)",
+                 model.prefill_chunk, free / 1e9)
     devices = step_devices(model)
     if len(devices) == 1 and next(iter(devices)).type == "cuda":
         model.step_decoder = StaticDecoder(model, use_cuda_graph=cuda_graphs)

@@ -9,8 +9,8 @@ and the latent-space output is mapped to values through W_UV:
     out[t, h]      = W_UV[h] (sum_s softmax(score)[h, t, s] latent[s])
 
 Long prefill chunks on a GPU take the other form instead: the cache rows are expanded into per-head
-keys [latent W_UK[h]^T | k_rope] and values latent W_UV[h]^T, and torch's fused (flash) attention
-runs per head. Scoring then costs nope + rope + v = 320 multiply-adds per head, query and key
+keys [latent W_UK[h]^T | k_rope] and values latent W_UV[h]^T, and torch's fused attention
+(scaled_dot_product_attention) runs per head. Scoring then costs nope + rope + v = 320 multiply-adds per head, query and key
 instead of 2 * kv_lora + rope = 1088, which pays for the expansion once a chunk has a few hundred
 tokens, and no score matrix is materialized.
 """
@@ -46,9 +46,9 @@ EXPANDED_MAX_BYTES = 1 << 30
 
 
 def native_attention(cache: torch.Tensor) -> bool:
-    """Attention over a float32 CPU cache runs on the native kernel pool (decode steps and prefill chunks):
-    torch's matmuls there would wake torch's OpenMP threads, which contend with the pool that just ran
-    the linears, and a chunk's scores would be computed for every key, the masked ones too."""
+    """Attention over a float32 CPU cache runs on the native kernel pool for decode steps (torch's matmuls
+    there would wake torch's OpenMP threads, which contend with the pool that just ran the linears) and
+    long first prefill chunks (NATIVE_PREFILL_MIN_TOKENS)."""
     return cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
 
 

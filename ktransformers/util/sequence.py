@@ -24,6 +24,9 @@ import torch
 
 from ktransformers.util.events import FinishEvent, TokenEvent
 
+# Prompt tokens per prefill pass unless the model asks for another (its `prefill_chunk`)
+DEFAULT_PREFILL_CHUNK = 512
+
 if TYPE_CHECKING:
     from ktransformers.util.tool_calls import ToolCallEvent
 

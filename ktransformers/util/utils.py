@@ -14,7 +14,7 @@ from ktransformers.util.events import ContextLengthError, FinishEvent, TokenEven
 from ktransformers.util.logprobs import LogprobReporter
 from ktransformers.util.reasoning import THINK_OPEN, ReasoningSplitter
 from ktransformers.util.sampling import Sampler, SamplingParams
-from ktransformers.util.sequence import Forward, run_prefill, sequence_steps
+from ktransformers.util.sequence import DEFAULT_PREFILL_CHUNK, Forward, run_prefill, sequence_steps
 from ktransformers.util.stop_strings import StopStringMatcher
 from ktransformers.util.text_stream import IncrementalDetokenizer
 from ktransformers.util.tool_calls import ToolCallEvent
@@ -72,7 +72,7 @@ def prefill_and_generate(
     sampling: SamplingParams | None = None,
     stop=None,
     force_think: bool = False,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     eos_token_ids=None,
     generation_config=None,
     hide_control_tokens: bool = True,
@@ -106,7 +106,7 @@ def prefill_and_generate(
 
 
 def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampling: SamplingParams | None = None,
-                     stop=None, force_think: bool = False, chunk_size: int = 512, eos_token_ids=None,
+                     stop=None, force_think: bool = False, chunk_size: int | None = None, eos_token_ids=None,
                      generation_config=None, hide_control_tokens: bool = True, top_logprobs: int | None = None,
                      constraint=None, tool_calls=None, reuse=None, slot: int = 0):
     """prefill_and_generate's sequence as util.sequence.sequence_steps: events interleaved with the
@@ -115,6 +115,8 @@ def generation_steps(model, tokenizer, inputs, max_new_tokens: int = 512, sampli
     prompt_ids = _as_id_list(inputs)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
+    if chunk_size is None:  # the model's choice (the loader raises it where long chunks pay)
+        chunk_size = getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} is invalid: must be an integer >= 1")
     if sampling is not None and not isinstance(sampling, SamplingParams):

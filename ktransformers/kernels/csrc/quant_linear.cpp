@@ -48,9 +48,9 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
     // the chunk's rows: group_body(xrow, nx, each_rows) takes the group's activation rows xrow.. once,
     // then each_rows(step, f) calls f(row, o, count) for the chunk's rows, `step` at a time (prefetching
-    // ahead in decode), and f writes o[j * out_ld + i] = row i . x[xrow + j] for i < count, j < nx. Groups of a whole tile read each weight row once;
-    // the prefill groups of a few tokens keep their activations in L1 while the chunk's rows (in L2
-    // after the first) go by.
+    // ahead in decode), and f writes o[j * out_ld + i] = row i . x[xrow + j] for i < count, j < nx.
+    // Groups of a whole tile read each weight row once; the prefill groups of a few tokens keep their
+    // activations in L1 while the chunk's rows (in L2 after the first) go by.
     auto for_each_group = [&](int64_t group, auto&& group_body) {
         pool().run(heads * chunks * tiles, [&](int64_t item) {
             const int64_t h = item / (chunks * tiles), rest = item % (chunks * tiles);
