@@ -51,9 +51,11 @@ void mla_decode_attention(const float* q, int64_t H, const float* cache, int64_t
     const int64_t groups = (H + kHeadsPerItem - 1) / kHeadsPerItem, blocks = (S + kRowsPerBlock - 1) / kRowsPerBlock;
     std::vector<float> m(blocks * H), l(blocks * H), acc(blocks == 1 ? 0 : blocks * H * V);
     float* sums = blocks == 1 ? out : acc.data();  // one block: its partial is the answer once divided by l
+    // block-major items: the head groups of one cache block run one after another (and side by side),
+    // so the block is read from memory once, not once per group
     pool().run(groups * blocks, [&](int64_t item) {
-        const int64_t g0 = item / blocks * kHeadsPerItem, G = std::min(kHeadsPerItem, H - g0);
-        const int64_t b = item % blocks, s0 = b * kRowsPerBlock, C = std::min(kRowsPerBlock, S - s0);
+        const int64_t g0 = item % groups * kHeadsPerItem, G = std::min(kHeadsPerItem, H - g0);
+        const int64_t b = item / groups, s0 = b * kRowsPerBlock, C = std::min(kRowsPerBlock, S - s0);
         std::vector<float> scratch(G * C);
         float* partial = sums + (b * H + g0) * V;
         k->attend_block(q + g0 * D, G, cache + s0 * D, C, D, V, scale, scratch.data(), &m[b * H + g0], &l[b * H + g0],
