@@ -259,7 +259,7 @@ def test_quant_linear_rejects_wrong_sizes_and_types():
     with pytest.raises(ValueError, match="x: expected shape"):
         kernels.quant_linear(torch.zeros(1, 255), raw, "Q4_K", 3, 256)
     with pytest.raises(ValueError, match="no native kernel"):
-        kernels.quant_linear(torch.zeros(1, 256), raw, "Q4_0", 3, 256)
+        kernels.quant_linear(torch.zeros(1, 256), raw, "Q8_1", 3, 256)  # an activation format: never a weight
 
 
 def test_thread_count_changes_nothing_but_speed():

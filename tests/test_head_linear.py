@@ -112,7 +112,7 @@ def test_bad_head_linear_input_is_rejected_with_the_reason():
     with pytest.raises(ValueError, match="need 384 bytes"):
         kernels.head_linear(torch.zeros(2, 1, 8), w, G.F32, 2, 4, 8, head_stride=256)
     with pytest.raises(ValueError, match="no native kernel"):
-        kernels.head_linear(torch.zeros(2, 1, 8), w, G.Q4_0, 2, 4, 8)
+        kernels.head_linear(torch.zeros(2, 1, 8), w, G.Q8_1, 2, 4, 8)
     mod = kernels.require()
     x, out = torch.zeros(16), torch.zeros(8)
     with pytest.raises(ValueError, match="without overlapping"):  # heads closer than a head's rows

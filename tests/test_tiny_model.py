@@ -280,7 +280,8 @@ def test_deepseek_v2_with_split_kv_b_and_parts(tiny_model):
 
 def test_k_quant_fallback_for_short_rows(tiny_model):
     model = open_gguf(tiny_model(quant_mix="q4_k_m", kv_b_split=True, num_hidden_layers=1))
-    assert model["blk.0.attn_k_b.weight"].ggml_type == GGMLType.Q8_0  # rows of 64 are not 256-blocks
+    # rows of 64 are no 256-blocks: llama.cpp's quantizer writes Q5_0 where it wanted Q4_K
+    assert model["blk.0.attn_k_b.weight"].ggml_type == GGMLType.Q5_0
     assert model["blk.0.attn_v_b.weight"].ggml_type in (GGMLType.Q4_K, GGMLType.Q6_K)
 
 

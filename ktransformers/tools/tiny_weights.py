@@ -134,11 +134,23 @@ def _ud_iq1_s(spec: TensorSpec, config: dict) -> GGMLType:
     return GGMLType.Q4_K
 
 
+# llama.cpp's quantizer (llama-quant.cpp, tensor_type_fallback): the 32-block type a 256-block type
+# becomes for rows that are no whole number of 256-blocks (DeepSeek's attn_k_b rows are 128 wide)
+_ROW_FALLBACK = {
+    **dict.fromkeys((GGMLType.IQ1_S, GGMLType.IQ1_M, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+                     GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ4_XS), GGMLType.IQ4_NL),
+    GGMLType.Q2_K: GGMLType.Q4_0, GGMLType.Q3_K: GGMLType.Q4_0,
+    GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0,
+}
+
+
 def _fit_row(wanted: GGMLType, row_length: int) -> GGMLType:
-    """Rows that are not whole blocks fall back to Q8_0 (32-element blocks) or F32, as llama.cpp does."""
+    """The type llama.cpp's quantizer writes for `wanted` on rows of row_length: wanted where its blocks
+    fit, else its 32-block fallback (_ROW_FALLBACK), else F32 here (llama.cpp: F16)."""
     if row_length % block_info(wanted)[0] == 0:
         return wanted
-    return GGMLType.Q8_0 if row_length % block_info(GGMLType.Q8_0)[0] == 0 else GGMLType.F32
+    fallback = _ROW_FALLBACK.get(wanted, GGMLType.Q8_0)
+    return fallback if row_length % block_info(fallback)[0] == 0 else GGMLType.F32
 
 
 def tensor_rng(seed: int, name: str) -> np.random.Generator:
