@@ -38,4 +38,6 @@ def faults(keep: str) -> int:
 def test_prefill_temporaries_are_reused_not_faulted_in_again():
     fresh = 5 * (46 << 20) // 4096  # pages of five steps' outputs (query, q_nope, rows)
     assert faults("0") > fresh // 2  # glibc's defaults: most of each step's outputs come from the kernel afresh
-    assert faults("1") < faults("0") / 2  # measured: ~14 K against ~72 K pages (at worst 28 K)
+    # measured: ~14 K against ~72 K pages; other processes' memory traffic only adds faults (up to 42 K
+    # seen while another benchmark ran), so the best of three runs is the allocator's own count
+    assert min(faults("1") for _ in range(3)) < faults("0") / 2
