@@ -4,13 +4,13 @@ native causal kernel against torch's masked matmuls (mla.py).
     python benchmarks/mla_prefill.py --gguf FILE [--tokens 512,4096] [--context 0,8192] [--reps 5]
     python benchmarks/mla_prefill.py --cpu [--tokens 128,512] [--context 0,512,4096] [--threads N]
 
-GPU (--gguf):
-Layer 0's attention of FILE, placed by the GPU rules, runs a chunk of --tokens tokens after
---context cache rows, in each form; printed: ms per chunk (the whole layer, linears included), the
-expanded form's speed-up, and each form's attention multiply-adds (scores + weighted sum, causal
-half counted; the expansion matmuls counted as the expanded form's own) over that time. Also the raw fused-attention call at those
-widths under each SDPA backend torch offers, with values as they are (v = 128) and padded to the
-key width (flash attention wants equal widths), to show which backend the layer gets.
+GPU (--gguf): layer 0's attention of FILE, placed by the GPU rules, runs a chunk of --tokens tokens
+after --context cache rows, in each form; printed: ms per chunk (the whole layer, linears
+included), the expanded form's speed-up, and each form's attention multiply-adds (scores +
+weighted sum, causal half counted; the expansion matmuls counted as the expanded form's own) over
+that time. Also the raw fused-attention call at those widths under each SDPA backend torch offers,
+with values as they are (v = 128) and padded to the key width (flash attention wants equal
+widths), to show which backend the layer gets.
 
 CPU (--cpu): the attention between the absorbed products alone, at DeepSeek-V3's widths (128 heads,
 576-wide latent rows): kernels.mla_prefill_attention (each token scores its causal prefix only, on
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-
 from types import SimpleNamespace
 
 import ktransformers  # noqa: F401

@@ -10,9 +10,9 @@ and the latent-space output is mapped to values through W_UV:
 
 Long prefill chunks on a GPU take the other form instead: the cache rows are expanded into per-head
 keys [latent W_UK[h]^T | k_rope] and values latent W_UV[h]^T, and torch's fused attention
-(scaled_dot_product_attention) runs per head. Scoring then costs nope + rope + v = 320 multiply-adds per head, query and key
-instead of 2 * kv_lora + rope = 1088, which pays for the expansion once a chunk has a few hundred
-tokens, and no score matrix is materialized.
+(scaled_dot_product_attention) runs per head. Scoring then costs nope + rope + v = 320
+multiply-adds per head, query and key instead of 2 * kv_lora + rope = 1088, which pays for the
+expansion once a chunk has a few hundred tokens, and no score matrix is materialized.
 """
 
 import torch
