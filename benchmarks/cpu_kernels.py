@@ -14,7 +14,7 @@
 * MLA decode's absorbed products (DeepSeek-V3: 128 heads, W_UK [512x128] and W_UV [128x512] per
   head, float32 and bfloat16) between the quantized linears around them, as in a decode step:
   torch.bmm (weight on the left) vs kernels.head_linear on float weights and on the GGUF's blocks
-  (attn_k_b Q8_0, attn_v_b Q4_K), product time per layer and GB/s.
+  (attn_k_b Q8_0 or Q5_0, attn_v_b Q4_K), product time per layer and GB/s.
 """
 
 import argparse
@@ -137,12 +137,14 @@ def mla_absorbed(dtype, n_layers, rng):
     """Per layer: q_b_proj -> W_UK product -> W_UV product -> o_proj (Q4_K linears), the products
     timed alone, over n_layers distinct weights so they stream from memory: torch.bmm and
     kernels.head_linear on float weights of `dtype`, and head_linear on the GGUF blocks a file holds
-    (attn_k_b Q8_0, attn_v_b Q4_K), as the CPU rules run them. -> {name: (ms, bytes/s)}."""
+    (attn_k_b Q8_0 or Q5_0, the type a Q4_K_M file's 128-wide rows fall back to; attn_v_b Q4_K), as the
+    CPU rules run them. -> {name: (ms, bytes/s)}."""
     H, C, D = 128, 512, 128
     q_b, o_proj = filled(GGMLType.Q4_K, H * 192, 1536, rng), filled(GGMLType.Q4_K, HIDDEN, H * D, rng)
     q, latent = torch.randn(H, 1, D), torch.randn(H, 1, C)
     floats = [(torch.randn(H, C, D).to(dtype), torch.randn(H, D, C).to(dtype)) for _ in range(n_layers)]
-    blocks = [(filled(GGMLType.Q8_0, H * C, D, rng), filled(GGMLType.Q4_K, H * D, C, rng)) for _ in range(n_layers)]
+    blocks = {t: [(filled(t, H * C, D, rng), filled(GGMLType.Q4_K, H * D, C, rng)) for _ in range(n_layers)]
+              for t in (GGMLType.Q8_0, GGMLType.Q5_0)}
     float_type = kernels.FLOAT_WEIGHT_TYPES[dtype]
 
     def native(weight, x, ggml_type):
@@ -153,7 +155,8 @@ def mla_absorbed(dtype, n_layers, rng):
     variants = {
         "torch.bmm": (floats, lambda w, x, _: torch.bmm(w, x.to(w.dtype).transpose(1, 2)).float(), None),
         "head_linear": (floats, native, float_type),
-        "head_linear Q8_0/Q4_K": (blocks, native, (GGMLType.Q8_0, GGMLType.Q4_K)),
+        "head_linear Q8_0/Q4_K": (blocks[GGMLType.Q8_0], native, (GGMLType.Q8_0, GGMLType.Q4_K)),
+        "head_linear Q5_0/Q4_K": (blocks[GGMLType.Q5_0], native, (GGMLType.Q5_0, GGMLType.Q4_K)),
     }
     results = {}
     for name, (weights, product, types) in variants.items():

@@ -44,38 +44,46 @@ def test_quantized_heads_match_per_head_matmul(isa, ggml_type, M):
 
 
 def test_deepseek_shapes_of_w_uk_and_w_uv():
-    """attn_k_b [H, kv_lora, nope] in Q8_0 (rows of 128) and attn_v_b [H, v, kv_lora] in Q4_K, at 16 heads."""
+    """attn_k_b [H, kv_lora, nope] in Q8_0 and in Q5_0 (rows of 128: a Q4_K_M file's fallback) and
+    attn_v_b [H, v, kv_lora] in Q4_K, at 16 heads."""
     check_heads(G.Q8_0, H=16, N=512, K=128, M=1, seed=new_seed())
+    check_heads(G.Q5_0, H=16, N=512, K=128, M=1, seed=new_seed())
     check_heads(G.Q4_K, H=16, N=128, K=512, M=3, seed=new_seed())
 
 
+# The 32-weight block formats rows shorter than 256 values are written in (llama.cpp's fallbacks)
+SHORT_ROW_TYPES = [G.Q8_0, G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.IQ4_NL]
+
+
+@pytest.mark.parametrize("ggml_type", SHORT_ROW_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("K", [32, 128, 224])  # rows shorter than 256 values: the short-row form
-def test_short_rows_give_decode_and_prefill_the_same_bits(isa, K):
-    """Q8_0 rows of fewer than 256 values (W_UK: 128) run 8 rows by up to 8 tokens a call, in decode and
+def test_short_rows_give_decode_and_prefill_the_same_bits(isa, ggml_type, K):
+    """Rows of fewer than 256 values (W_UK: 128) run 8 rows by up to 8 tokens a call, in decode and
     prefill alike: each token's result equals its one-token call bit for bit, whatever group it lands
-    in, and rows past the last whole 8 (N = 21) are right too. The plain form checks the values."""
+    in, and rows past the last whole 8 (N = 21) are right too. check_heads checks the values."""
     H, N, M = 3, 21, 13
-    check_heads(G.Q8_0, H=H, N=N, K=K, M=M, seed=new_seed())
+    check_heads(ggml_type, H=H, N=N, K=K, M=M, seed=new_seed())
     rng = np.random.default_rng(new_seed())
-    raw = torch.from_numpy(random_weight(G.Q8_0, H * N, K, rng))
+    raw = torch.from_numpy(random_weight(ggml_type, H * N, K, rng))
     x = torch.from_numpy(rng.standard_normal((H, M, K)).astype(np.float32))
-    together = kernels.head_linear(x, raw, G.Q8_0, H, N, K)
+    together = kernels.head_linear(x, raw, ggml_type, H, N, K)
     for t in range(M):
-        assert torch.equal(kernels.head_linear(x[:, t:t + 1].contiguous(), raw, G.Q8_0, H, N, K), together[:, t:t + 1])
+        assert torch.equal(kernels.head_linear(x[:, t:t + 1].contiguous(), raw, ggml_type, H, N, K), together[:, t:t + 1])
 
 
-def test_short_rows_give_every_isa_the_same_bits():
+@pytest.mark.parametrize("ggml_type", SHORT_ROW_TYPES, ids=lambda t: t.name)
+def test_short_rows_give_every_isa_the_same_bits(ggml_type):
     """The short-row form's integer block dots are exact in each build and its float steps are the same,
     so the AVX2 and VNNI builds agree bit for bit (the long-row forms need not)."""
     mod = kernels.require()
     before, results = mod.isa(), []
     rng = np.random.default_rng(new_seed())
-    raw = torch.from_numpy(random_weight(G.Q8_0, 2 * 40, 128, rng))
+    raw = torch.from_numpy(random_weight(ggml_type, 2 * 40, 128, rng))
     x = torch.from_numpy(rng.standard_normal((2, 5, 128)).astype(np.float32))
     try:
         for name in kernels.cpu_features().get("available_isas", []):
             mod.select_isa(name)
-            results.append(kernels.head_linear(x, raw, G.Q8_0, 2, 40, 128))
+            results.append(kernels.head_linear(x, raw, ggml_type, 2, 40, 128))
     finally:
         mod.select_isa(before)
     assert all(torch.equal(r, results[0]) for r in results[1:])
@@ -141,12 +149,27 @@ def test_decode_attention_matches_softmax_attention(isa, S):
                                    msg=lambda m: f"H={H} S={S} D={D} seed={seed}: {m}")
 
 
-def test_decode_attention_keeps_peaked_softmax_finite():
-    """Scores far apart (a large scale) must not overflow the exponentials: the maximum is subtracted first."""
-    q, cache = torch.randn(8, 64) * 30, torch.randn(600, 64) * 30
+def test_decode_attention_keeps_peaked_softmax_finite(isa):
+    """Scores thousands apart (far past exp's float range) must not overflow the exponentials: the
+    maximum is subtracted first. Small integers make every score exact in float32 (a float32 score of
+    ~7000 is otherwise off by ~1e-3, which moves softmax weights by as much). Head h's top row is
+    30 * sign(q_h) (score ~29000) and a near copy, one element a unit closer to 0, scores a few units
+    less, so each softmax mixes two rows and their weights are checked against float64 closely."""
+    seed = new_seed()
+    gen = torch.Generator().manual_seed(seed)
+    H, S = 8, 600
+    q = torch.randint(1, 31, (H, 64), generator=gen).float() * (torch.randint(0, 2, (H, 64), generator=gen) * 2 - 1)
+    cache = torch.randint(-30, 31, (S, 64), generator=gen).float()
+    for h in range(H):
+        top, near = 3 * h, 3 * h + 1 + S // 2
+        cache[top] = 30 * q[h].sign()
+        cache[near] = cache[top]
+        k = int(q[h].abs().argmin())
+        cache[near, k] -= q[h, k].sign()  # score lower by |q[h, k]|
     got = kernels.mla_decode_attention(q, cache, 64, 1.0)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), reference_attention(q, cache, 64, 1.0), rtol=1e-4, atol=1e-3)
+    want = reference_attention(q, cache, 64, 1.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-3, msg=lambda m: f"seed={seed}: {m}")
 
 
 @pytest.mark.parametrize("start, T", [(0, 1), (0, 9), (250, 12), (500, 20)])  # blocks: one; one; straddled; two+
