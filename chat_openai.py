@@ -27,9 +27,10 @@ from ktransformers.gguf import GGUFModel
 from ktransformers.server.app import create_app
 from ktransformers.server.engine import Engine
 from ktransformers.server.guards import is_loopback_bind
+from ktransformers.server.scheduler import DEFAULT_PREFILL_SLICE
 from ktransformers.server.settings import REASONING_FORMATS, ServerSettings
-from ktransformers.server.startup_checks import (StartupError, check_chat_template, check_model_files, port_number,
-                                                 positive_int)
+from ktransformers.server.startup_checks import (StartupError, check_chat_template, check_model_files,
+                                                 non_negative_int, port_number, positive_int)
 from ktransformers.server.wsgi import DEFAULT_LIMITS, ConnectionLimits, bind_sockets, create_server, serve_until_stopped
 
 log = logging.getLogger("ktransformers.server")
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_batch", type=positive_int, default=None,
                    help="requests decoded together, each with its own KV cache slot (default: as many as fit "
                         "in a tenth of the GPU's memory, or of RAM when CPU-only, at most 8)")
+    p.add_argument("--prefill_slice", type=non_negative_int, default=None,
+                   help="prompt tokens prefilled per step while other requests stream, so their tokens keep "
+                        f"coming (default {DEFAULT_PREFILL_SLICE}, or whole chunks where long prefill chunks stream "
+                        "the experts to the GPU; 0: whole chunks; a lone request always prefills whole chunks)")
     p.add_argument("--cache_tokens", type=int, default=16384,
                    help="prefix cache: KV rows of earlier conversations kept in RAM for reuse (about 70 KB a "
                         "token for DeepSeek-V3); the live conversation is always reused; 0 turns prefix reuse off")
@@ -180,7 +185,7 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         check_chat_template(loaded.tokenizer, args.model_path or args.gguf_path, args.force_think)
     except (ValueError, OSError) as err:    # bad files or options: the loader's messages name them
         return fail(str(err))
-    from ktransformers.server.model_backend import longest_token_chars, model_generate_fn
+    from ktransformers.server.model_backend import default_prefill_slice, longest_token_chars, model_generate_fn
 
     generate = model_generate_fn(loaded, args.cache_tokens)
     settings = ServerSettings(
@@ -190,7 +195,8 @@ def serve(args: argparse.Namespace, sockets: list[socket.socket]) -> int:
         max_token_chars=longest_token_chars(loaded.tokenizer), cors_origins=args.cors_origins,
         allowed_hosts=args.allowed_hosts, loopback_only=is_loopback_bind(args.host),
         supports_tools=generate.structured.format is not None, **describe_gguf(gguf_model))
-    engine = Engine(generate, queue_size=args.queue_size, max_batch=loaded.model.n_slots)
+    prefill_slice = default_prefill_slice(loaded.model) if args.prefill_slice is None else args.prefill_slice or None
+    engine = Engine(generate, queue_size=args.queue_size, max_batch=loaded.model.n_slots, prefill_slice=prefill_slice)
     limits = ConnectionLimits(connection_limit=args.max_connections, channel_timeout=args.idle_timeout)
     server = create_server(create_app(engine, settings), None, None, args.queue_size, sockets=sockets, limits=limits)
     base = f"http://{args.host}:{args.port}"

@@ -163,3 +163,89 @@ def test_stop_gives_every_running_job_the_whole_grace():
     for job in (short, long):
         events = list(job.events(poll_s=0.01))  # an EngineStopped here would raise
         assert is_finish(events[-1]) and events[-1].completion_tokens == job.request.max_new_tokens
+
+
+class PrefillRecordingModel(CountingModel):
+    """Also records each prefill pass's (slot, start_pos, ids); may fail its n-th prefill pass."""
+
+    def __init__(self, n_slots: int):
+        super().__init__(n_slots)
+        self.prefills: list[tuple[int, int, list[int]]] = []
+        self.fail_prefill_at: int | None = None
+
+    def __call__(self, input_ids, start_pos, slot=0):
+        if self.fail_prefill_at is not None and len(self.prefills) == self.fail_prefill_at:
+            self.prefills.append((slot, start_pos, []))
+            raise RuntimeError("the prefill pass broke")
+        self.prefills.append((slot, start_pos, input_ids[0].tolist()))
+        return super().__call__(input_ids, start_pos, slot)
+
+
+def start_streaming(engine):
+    """A long-running stream, decoding by the time this returns."""
+    first = engine.submit(request(3, 10, max_new_tokens=100000))
+    events = first.events(poll_s=0.01)
+    next(e for e in events if isinstance(e, TokenEvent))
+    return first
+
+
+def test_while_others_stream_a_prefill_chunk_runs_in_slices_between_their_decode_steps():
+    model = PrefillRecordingModel(n_slots=2)
+    engine = Engine(Backend(model, chunk_size=8), queue_size=4, max_batch=2, prefill_slice=3)
+    first = start_streaming(engine)
+    second = engine.submit(request(20, 300, max_new_tokens=3))  # chunks of 8, 8, 4
+    assert tokens_of(second) == expected_tokens(second.request.prompt_ids, second.request.slot, 3)
+    first.cancel()
+    slices = [(start, ids) for slot, start, ids in model.prefills if slot == second.request.slot]
+    assert [len(ids) for _, ids in slices] == [3, 3, 2, 3, 3, 2, 3, 1]  # no slice crosses a chunk's end
+    assert [start for start, _ in slices] == [0, 3, 6, 8, 11, 14, 16, 19]  # each at its own positions
+    assert sum((ids for _, ids in slices), []) == second.request.prompt_ids
+    runs = [i for i, p in enumerate(model.passes) if p[0] == "prefill" and p[1] == second.request.slot]
+    for a, b in zip(runs, runs[1:]):  # the running stream decoded between consecutive slices
+        assert any(p[0] == "decode" and first.request.slot in p[1] for p in model.passes[a + 1:b])
+    engine.stop()
+
+
+def test_a_lone_request_prefills_whole_chunks():
+    model = PrefillRecordingModel(n_slots=2)
+    engine = Engine(Backend(model, chunk_size=8), queue_size=4, max_batch=2, prefill_slice=3)
+    job = engine.submit(request(20, 300, max_new_tokens=3))
+    assert tokens_of(job) == expected_tokens(job.request.prompt_ids, job.request.slot, 3)
+    assert [(start, len(ids)) for _, start, ids in model.prefills] == [(0, 8), (8, 8), (16, 4)]
+    engine.stop()
+
+
+def test_a_failing_prefill_slice_fails_its_job_only():
+    model = PrefillRecordingModel(n_slots=2)
+    engine = Engine(Backend(model, chunk_size=8), queue_size=4, max_batch=2, prefill_slice=3)
+    first = start_streaming(engine)
+    model.fail_prefill_at = len(model.prefills) + 2  # the newcomer's third slice
+    second = engine.submit(request(20, 300, max_new_tokens=3))
+    with pytest.raises(RuntimeError, match="prefill pass broke"):
+        list(second.events(poll_s=0.01))
+    first_events = first.events(poll_s=0.01)
+    more = [next(e for e in first_events if isinstance(e, TokenEvent)) for _ in range(3)]  # still streaming
+    assert all(e.token_id is not None for e in more)
+    first.cancel()
+    wait_for(lambda: not engine.busy)
+    assert engine.running == []
+    engine.stop()
+
+
+def test_prefill_slice_must_be_positive():
+    with pytest.raises(ValueError, match="prefill_slice must be >= 1"):
+        Engine(Backend(CountingModel(n_slots=1)), max_batch=1, prefill_slice=0)
+
+
+def test_default_slice_is_whole_chunks_only_where_long_chunks_stream_the_experts():
+    from types import SimpleNamespace
+
+    from ktransformers.server.model_backend import default_prefill_slice
+    from ktransformers.server.scheduler import DEFAULT_PREFILL_SLICE
+
+    def model(*prefill_experts):
+        layers = [SimpleNamespace(mlp=SimpleNamespace(prefill_experts=p)) for p in prefill_experts]
+        return SimpleNamespace(model=SimpleNamespace(layers=layers))
+
+    assert default_prefill_slice(model(None, None)) == DEFAULT_PREFILL_SLICE  # CPU experts (or no streaming)
+    assert default_prefill_slice(model(None, object())) is None  # a layer streams its experts to the GPU

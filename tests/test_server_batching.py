@@ -32,11 +32,12 @@ STREAMS = [("What is 4821 plus 367?", {"temperature": 0}),
 
 @pytest.fixture(scope="module")
 def servers():
-    """The demo model served twice: with 4 cache slots (batched) and with 1 (each request alone)."""
+    """The demo model served twice: with 4 cache slots (batched; a newcomer's prompt goes 2 tokens a
+    step while others stream) and with 1 (each request alone)."""
     model_dir, gguf = demo_paths()
     urls, engines = [], []
     try:
-        with BackgroundServer(app_for(model_dir, gguf, 4, engines)) as batched, \
+        with BackgroundServer(app_for(model_dir, gguf, 4, engines, prefill_slice=2)) as batched, \
                 BackgroundServer(app_for(model_dir, gguf, 1, engines)) as alone:
             yield batched, alone, engines[0]
     finally:
@@ -44,9 +45,9 @@ def servers():
             engine.stop()
 
 
-def app_for(model_dir, gguf, max_batch, engines):
+def app_for(model_dir, gguf, max_batch, engines, prefill_slice=None):
     loaded = load_model(gguf, model_dir, max_context=1024, max_batch=max_batch)
-    engine = Engine(model_generate_fn(loaded), queue_size=8, max_batch=max_batch)
+    engine = Engine(model_generate_fn(loaded), queue_size=8, max_batch=max_batch, prefill_slice=prefill_slice)
     engines.append(engine)
     return create_app(engine, ServerSettings(model_name="demo", max_context=1024))
 
@@ -104,3 +105,33 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_go_on(servers
     assert len(together[0]) < len(stream(alone, *STREAMS[0]))
     health = requests.get(batched + "/health", timeout=5).json()
     assert (health["running"], health["busy"]) == (0, False)
+
+
+def test_a_newcomer_prefilled_in_slices_while_others_stream_answers_as_alone(servers):
+    """The later streams join while the first is decoding: their prompts go in 2-token slices
+    between its steps, and every answer still equals its solo run."""
+    batched, alone, engine = servers
+    solo = [stream(alone, q, s) for q, s in STREAMS]
+    results, first_streaming = [None] * len(STREAMS), threading.Event()
+
+    def first():
+        client = openai.OpenAI(base_url=batched + "/v1", api_key="none", max_retries=0, timeout=120)
+        text, (question, sampling) = [], STREAMS[0]
+        for chunk in client.chat.completions.create(model="demo", messages=[{"role": "user", "content": question}],
+                                                    stream=True, max_tokens=400, **sampling):
+            if chunk.choices:
+                delta = chunk.choices[0].delta
+                text.append((delta.model_extra.get("reasoning_content") or "") + (delta.content or ""))
+                first_streaming.set()
+        results[0] = "".join(text)
+
+    def later(i):
+        first_streaming.wait(60)
+        results[i] = stream(batched, *STREAMS[i])
+
+    threads = [threading.Thread(target=first)] + [threading.Thread(target=later, args=(i,)) for i in range(1, len(STREAMS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert results == solo

@@ -170,3 +170,11 @@ def test_reserved_port_refuses_until_served_then_serves_there():
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_prefill_slice_takes_zero_but_not_less(capsys):
+    assert chat_openai.parse_args(["--gguf_path", "x"]).prefill_slice is None  # the model decides
+    assert chat_openai.parse_args(["--gguf_path", "x", "--prefill_slice", "0"]).prefill_slice == 0
+    with pytest.raises(SystemExit) as exit_info:
+        chat_openai.parse_args(["--gguf_path", "x.gguf", "--prefill_slice", "-1"])
+    assert exit_info.value.code == 2 and "argument --prefill_slice: must be >= 0, got -1" in capsys.readouterr().err

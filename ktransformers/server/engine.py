@@ -132,12 +132,13 @@ class Engine:
     """The model's one worker thread and the bounded list of jobs waiting for it.
 
     Up to `max_batch` jobs run at once (server/scheduler.py: chunked prefill between batched decode
-    steps); the rest wait. `generate_fn` may have a `prepare(request)` method: it runs on the
-    caller's (request) thread in `prepare`, before the job queues, so tokenizing and context checks
-    never hold up the model.
+    steps, `prefill_slice` prompt tokens a step while others decode); the rest wait. `generate_fn`
+    may have a `prepare(request)` method: it runs on the caller's (request) thread in `prepare`,
+    before the job queues, so tokenizing and context checks never hold up the model.
     """
 
-    def __init__(self, generate_fn: GenerateFn, queue_size: int = 8, max_batch: int = 1):
+    def __init__(self, generate_fn: GenerateFn, queue_size: int = 8, max_batch: int = 1,
+                 prefill_slice: int | None = None):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         if max_batch < 1:
@@ -147,7 +148,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
         self.queue_size, self.max_batch = queue_size, max_batch
-        self._scheduler = Scheduler(generate_fn, max_batch, self._ended)
+        self._scheduler = Scheduler(generate_fn, max_batch, self._ended, prefill_slice)
         self.completed = 0
         self._stopped = False
         self._worker = threading.Thread(target=self._run, name="ktransformers-engine", daemon=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 
+from ktransformers.models.hybrid_moe import streams_prefill_experts
 from ktransformers.models.loader import LoadedModel
 from ktransformers.server.engine import GenerateFn, GenerationRequest, PromptAccepted
+from ktransformers.server.scheduler import DEFAULT_PREFILL_SLICE
 from ktransformers.util.chat import build_prompt_ids
 from ktransformers.util.events import ContextLengthError
 from ktransformers.util.sampling import SamplingParams
@@ -96,6 +98,14 @@ class ModelBackend:
         if self.prefix_cache is None or request.prompt_ids is None:
             return free_slots[0]
         return self.prefix_cache.pick_slot(request.prompt_ids, free_slots)
+
+
+def default_prefill_slice(model) -> int | None:
+    """Prompt tokens a scheduler round while other streams decode: DEFAULT_PREFILL_SLICE, or whole
+    chunks (None) where long chunks stream the routed experts to the GPU: each pass streams every
+    expert again whatever its length, so slices would multiply the newcomer's prefill time (a
+    4096-token chunk cut in 128s: 32 streams of every expert instead of one)."""
+    return None if streams_prefill_experts(model) else DEFAULT_PREFILL_SLICE
 
 
 def model_generate_fn(loaded: LoadedModel, cache_tokens: int = DEFAULT_CACHE_TOKENS) -> GenerateFn:
