@@ -11,8 +11,9 @@ then runs each job on to its next request (its logits ride on its Forward), push
 request's prefill goes in chunks between the running streams' decode steps, and a decode step costs
 one pass over the weights however many streams take part. While other streams decode, a prefill chunk
 runs `prefill_slice` tokens a round (a model's chunk may be 512 or 4096 tokens, seconds to tens of
-seconds of a large model; the running streams would get no token for that long); alone, it runs whole. Each job owns a cache slot (0..max_batch-1)
-for as long as it runs; `generate_fn.pick_slot(request, free_slots)` may choose which (prefix reuse).
+seconds of a large model; the running streams would get no token for that long); alone, it runs whole.
+Each job owns a cache slot (0..max_batch-1) for as long as it runs; `generate_fn.pick_slot(request,
+free_slots)` may choose which (prefix reuse).
 Generate functions that never ask for a pass (test stand-ins) are run until their next event.
 """
 
