@@ -15,7 +15,8 @@ widths), to show which backend the layer gets.
 CPU (--cpu): the attention between the absorbed products alone, at DeepSeek-V3's widths (128 heads,
 576-wide latent rows): kernels.mla_prefill_attention (each token scores its causal prefix only, on
 the kernel pool) against torch (every key scored, then masked); ms and GFLOP/s of each one's own
-multiply-adds. mla.py picks the native kernel for long first chunks (NATIVE_PREFILL_MIN_TOKENS).
+multiply-adds. mla.py picks the native kernel for long first chunks (NATIVE_PREFILL_MIN_TOKENS), and
+for every chunk where a short timing at startup finds it faster (mla.native_prefill_everywhere).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from types import SimpleNamespace
 
 import ktransformers  # noqa: F401
 import torch
@@ -57,8 +57,9 @@ def timed(fn, reps: int) -> float:
 
 def cpu_attention(tokens, contexts, reps: int, heads=128, kv_lora=512, rope=64):
     """The CPU rules' two ways through MLAttention._attend for a chunk of prefill queries."""
+    print(f"this CPU's choice for every prefill chunk: {'native' if mla.native_prefill_everywhere() else 'torch'} "
+          f"(mla.native_prefill_everywhere)")
     width = kv_lora + rope
-    layer = SimpleNamespace(device=torch.device("cpu"), scale=0.1, kv_lora_rank=kv_lora)
     print(f"CPU, {kernels.cpu_features()['threads']} kernel threads, {torch.get_num_threads()} torch threads; "
           f"{heads} heads, {width}-wide rows, float32")
     print(f"{'tokens':>6} {'context':>7} {'native ms':>10} {'torch ms':>9} {'native GFLOP/s':>15} {'torch GFLOP/s':>14} "
@@ -67,12 +68,7 @@ def cpu_attention(tokens, contexts, reps: int, heads=128, kv_lora=512, rope=64):
         for n in tokens:
             query, keys = torch.randn(heads * n, width), torch.randn(context + n, width)
             native = timed(lambda: kernels.mla_prefill_attention(query, keys, n, kv_lora, 0.1), reps)
-            real = mla.native_attention
-            mla.native_attention = lambda cache: False
-            try:
-                matmuls = timed(lambda: mla.MLAttention._attend(layer, query, keys, keys[:, :kv_lora], context, n), reps)
-            finally:
-                mla.native_attention = real
+            matmuls = timed(lambda: mla.masked_attention(query, keys, keys[:, :kv_lora], context, n, 0.1), reps)
             per_pair = 2 * (width + kv_lora)  # flops of one query row against one key: score + weighted sum
             flops_native = heads * n * (context + (n + 1) / 2) * per_pair
             flops_torch = heads * n * (context + n) * per_pair

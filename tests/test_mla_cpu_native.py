@@ -77,13 +77,14 @@ def test_native_decode_step_equals_torch_attention(models, monkeypatch):
 
 def test_native_prefill_attention_equals_torch_attention(models, monkeypatch):
     """A first prefill chunk of at least NATIVE_PREFILL_MIN_TOKENS attends on the kernel pool
-    (mla_prefill_attention), causally; later chunks keep torch's matmuls."""
+    (mla_prefill_attention), causally; later chunks keep torch's matmuls (where those are faster)."""
     _, _, native, _ = models
     attn = native.model.layers[0].self_attn
     calls = []
     real = kernels.mla_prefill_attention
     monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a: calls.append(a[2]) or real(*a))
     monkeypatch.setattr(mla, "NATIVE_PREFILL_MIN_TOKENS", 5)
+    monkeypatch.setattr(mla, "_native_prefill_everywhere", False)
     xs = torch.randn(9, native.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         attn(xs[:4], 0)  # shorter than the threshold
@@ -94,6 +95,50 @@ def test_native_prefill_attention_equals_torch_attention(models, monkeypatch):
         monkeypatch.setattr(mla, "native_attention", lambda cache: False)
         slow = attn(xs[:6], 0)  # the same cache rows again, then torch's masked attention
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_where_the_kernel_pool_is_faster_every_prefill_chunk_attends_there(models, monkeypatch):
+    """native_prefill_everywhere(): short first chunks and chunks after earlier rows attend on the
+    kernel pool too, equal to torch's masked matmuls up to rounding."""
+    _, _, native, _ = models
+    attn = native.model.layers[0].self_attn
+    calls = []
+    real = kernels.mla_prefill_attention
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr(mla, "_native_prefill_everywhere", True)
+    xs = torch.randn(9, native.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        fast = [attn(xs[:4], 0), attn(xs[4:], 4)]  # a short first chunk, then one after its rows
+        assert calls == [4, 5]
+        monkeypatch.setattr(mla, "native_attention", lambda cache: False)
+        slow = [attn(xs[:4], 0), attn(xs[4:], 4)]
+    for got, expected in zip(fast, slow):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("0", False)])
+def test_the_prefill_attention_choice_can_be_forced(monkeypatch, value, expected):
+    monkeypatch.setattr(mla, "_native_prefill_everywhere", None)
+    monkeypatch.setattr(mla, "_kernel_pool_attends_faster", lambda: pytest.fail("timed despite the setting"))
+    monkeypatch.setenv("KT_NATIVE_PREFILL_ATTENTION", value)
+    assert mla.native_prefill_everywhere() is expected
+
+
+def test_a_bad_prefill_attention_setting_is_named(monkeypatch):
+    monkeypatch.setattr(mla, "_native_prefill_everywhere", None)
+    monkeypatch.setenv("KT_NATIVE_PREFILL_ATTENTION", "yes")
+    with pytest.raises(ValueError, match="KT_NATIVE_PREFILL_ATTENTION must be 0 or 1, got 'yes'"):
+        mla.native_prefill_everywhere()
+
+
+def test_unset_the_choice_is_timed_once(monkeypatch):
+    monkeypatch.setattr(mla, "_native_prefill_everywhere", None)
+    monkeypatch.delenv("KT_NATIVE_PREFILL_ATTENTION", raising=False)
+    timed = []
+    real = mla._kernel_pool_attends_faster
+    monkeypatch.setattr(mla, "_kernel_pool_attends_faster", lambda: timed.append(1) or real())
+    first = mla.native_prefill_everywhere()
+    assert isinstance(first, bool) and mla.native_prefill_everywhere() is first and timed == [1]
 
 
 def test_native_projection_equals_the_torch_steps(models):

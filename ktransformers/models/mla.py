@@ -15,6 +15,9 @@ multiply-adds per head, query and key instead of 2 * kv_lora + rope = 1088, whic
 expansion once a chunk has a few hundred tokens, and no score matrix is materialized.
 """
 
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +39,10 @@ MAX_SCORE_ELEMENTS = 1 << 26
 # Shorter chunks, and chunks after earlier rows, are faster in torch's matmuls there (128 tokens:
 # 6.3 against 4.5 ms; 512 after 512: 250 against 208): benchmarks/mla_prefill.py --cpu.
 NATIVE_PREFILL_MIN_TOKENS = 512
+# ... unless the kernel pool wins there too, as on AMD Zen 4 (2 cores, 128 tokens: 27 against 62 ms;
+# 512 after 512: 937 against 1516): native_prefill_everywhere() times both forms once.
+NATIVE_PREFILL_ENV = "KT_NATIVE_PREFILL_ATTENTION"
+_native_prefill_everywhere: bool | None = None
 # GPU prefill chunks of at least this many tokens use the expanded form (module docstring): the
 # expansion costs H * kv_lora * (nope + v) multiply-adds per key, which the cheaper scoring repays
 # from ~350 query tokens on
@@ -45,10 +52,62 @@ EXPANDED_MIN_TOKENS = 512
 EXPANDED_MAX_BYTES = 1 << 30
 
 
+def native_prefill_everywhere() -> bool:
+    """Whether every CPU prefill chunk attends on the kernel pool, not only long first chunks: set by
+    KT_NATIVE_PREFILL_ATTENTION=1 or 0, else by timing both forms once per process on a chunk after
+    earlier rows (the case torch's matmuls won by 2x on Sapphire Rapids, and lost on Zen 4)."""
+    global _native_prefill_everywhere
+    if _native_prefill_everywhere is None:
+        forced = os.environ.get(NATIVE_PREFILL_ENV, "").strip()
+        if forced not in ("", "0", "1"):
+            raise ValueError(f"{NATIVE_PREFILL_ENV} must be 0 or 1, got {forced!r}")
+        _native_prefill_everywhere = forced == "1" if forced else _kernel_pool_attends_faster()
+    return _native_prefill_everywhere
+
+
+def _kernel_pool_attends_faster(heads: int = 32, tokens: int = 64, context: int = 448) -> bool:
+    """Best of 3 of each form at DeepSeek's 576-wide rows (a few ms on a workstation)."""
+    width, value_dim, scale = 576, 512, 0.1
+    gen = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(heads * tokens, width, generator=gen), torch.randn(context + tokens, width, generator=gen)
+
+    def best(call):
+        call()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    native = best(lambda: kernels.mla_prefill_attention(query, keys, tokens, value_dim, scale))
+    matmuls = best(lambda: masked_attention(query, keys, keys[:, :value_dim], context, tokens, scale))
+    return native < matmuls
+
+
+def masked_attention(query, keys, values, start_pos: int, n_tokens: int, scale: float) -> torch.Tensor:
+    """Causal softmax attention by torch's matmuls: query rows head-major (row = h * T + t) for positions
+    start_pos.., every key scored, later ones masked; in query blocks of MAX_SCORE_ELEMENTS scores."""
+    n_keys = keys.shape[0]
+    rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
+    outputs = []
+    for first in range(0, query.shape[0], rows_per_block):
+        block = query[first:first + rows_per_block]
+        scores = (block @ keys.T).float() * scale
+        if n_tokens > 1:  # a prefill chunk: token t must not see the chunk's later keys
+            rows = torch.arange(first, first + block.shape[0], device=keys.device)
+            row_pos = start_pos + rows % n_tokens
+            hidden = torch.arange(n_keys, device=keys.device)[None, :] > row_pos[:, None]
+            scores.masked_fill_(hidden, float("-inf"))
+        outputs.append(scores.softmax(dim=-1).to(values.dtype) @ values)
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
 def native_attention(cache: torch.Tensor) -> bool:
     """Attention over a float32 CPU cache runs on the native kernel pool for decode steps (torch's matmuls
     there would wake torch's OpenMP threads, which contend with the pool that just ran the linears) and
-    long first prefill chunks (NATIVE_PREFILL_MIN_TOKENS)."""
+    long first prefill chunks (NATIVE_PREFILL_MIN_TOKENS), or every prefill chunk where the kernel pool
+    is the faster (native_prefill_everywhere)."""
     return cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
 
 
@@ -240,18 +299,6 @@ class MLAttention(nn.Module):
         if native_attention(keys):  # the CPU rules: on the kernel pool
             if n_tokens == 1:
                 return kernels.mla_decode_attention(query, keys, self.kv_lora_rank, self.scale)
-            if start_pos == 0 and n_tokens >= NATIVE_PREFILL_MIN_TOKENS:
+            if (start_pos == 0 and n_tokens >= NATIVE_PREFILL_MIN_TOKENS) or native_prefill_everywhere():
                 return kernels.mla_prefill_attention(query, keys, n_tokens, self.kv_lora_rank, self.scale)
-        n_keys = keys.shape[0]
-        rows_per_block = max(1, MAX_SCORE_ELEMENTS // n_keys)
-        outputs = []
-        for first in range(0, query.shape[0], rows_per_block):
-            block = query[first:first + rows_per_block]
-            scores = (block @ keys.T).float() * self.scale
-            if n_tokens > 1:  # a prefill chunk: token t must not see the chunk's later keys
-                rows = torch.arange(first, first + block.shape[0], device=self.device)
-                row_pos = start_pos + rows % n_tokens
-                hidden = torch.arange(n_keys, device=self.device)[None, :] > row_pos[:, None]
-                scores.masked_fill_(hidden, float("-inf"))
-            outputs.append(scores.softmax(dim=-1).to(values.dtype) @ values)
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return masked_attention(query, keys, values, start_pos, n_tokens, self.scale)
