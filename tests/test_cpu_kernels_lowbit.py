@@ -83,7 +83,7 @@ def _lengths(ggml_type):
 CASES = [(t, k) for t in LOWBIT for k in _lengths(t)]
 
 
-@pytest.mark.parametrize("m", [1, 3, 5, 6])  # 1 row, and 3 / 4+1 / 4+2 for the multi-row kernels
+@pytest.mark.parametrize("m", [1, 3, 5, 8])  # 1 row; multi-row groups of 3, 5 (AVX2: 4+1) and 8 (AVX2: 4+4)
 @pytest.mark.parametrize("ggml_type,cols", CASES, ids=[f"{t.name}-{k}" for t, k in CASES])
 def test_lowbit_matches_gguf_dequantize(isa, ggml_type, cols, m):
     assert int(ggml_type) in _cpu.supported_types(), f"{ggml_type.name} has no kernel in {isa}"
@@ -169,3 +169,16 @@ def test_moe_forward_with_lowbit_experts(isa, mix, tokens, k):
     # while any wrong block layout or scale gives errors of order 100%.
     rel = ((y - ref).norm(dim=1) / ref.norm(dim=1)).max()
     assert rel < 0.03, f"{[t.name for t in mix]} relative error {rel:.4g}"
+
+
+@pytest.mark.parametrize("ggml_type", LOWBIT, ids=lambda t: t.name)
+def test_a_row_in_a_multi_row_group_has_its_single_row_bits(isa, ggml_type):
+    """Each activation row keeps its own accumulation chain in the multi-row kernels, so a prefill
+    group of 8 (or 4 + 4) gives every row exactly what its one-row (decode) call gives."""
+    rng = np.random.default_rng()
+    cols = _lengths(ggml_type)[1]
+    raw = random_weights(ggml_type, 5, cols, rng)
+    x = random_activations(8, cols, rng)
+    together = run_kernel(x, raw, ggml_type, 5, cols)
+    for i in range(8):
+        assert np.array_equal(run_kernel(x[i:i + 1], raw, ggml_type, 5, cols), together[i:i + 1]), i

@@ -122,3 +122,19 @@ static inline void kt_transpose8x8_epi32(__m256i v[8]) {
             default: rows<4>(w, x_, out_, n); break;                      \
         }                                                                  \
     } while (0)
+
+// The same for kernels whose rows<NX> also take NX up to 8 (where 32 vector registers hold 8
+// rows' accumulators: the VNNI build): one decoded weight block serves all nx <= kMultiRows rows.
+#define KT_MULTI_UP_TO_8(rows, w, x, nx, out, n)           \
+    do {                                                   \
+        switch (nx) {                                      \
+            case 1: rows<1>(w, x, out, n); break;          \
+            case 2: rows<2>(w, x, out, n); break;          \
+            case 3: rows<3>(w, x, out, n); break;          \
+            case 4: rows<4>(w, x, out, n); break;          \
+            case 5: rows<5>(w, x, out, n); break;          \
+            case 6: rows<6>(w, x, out, n); break;          \
+            case 7: rows<7>(w, x, out, n); break;          \
+            default: rows<8>(w, x, out, n); break;         \
+        }                                                  \
+    } while (0)
