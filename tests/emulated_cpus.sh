@@ -20,6 +20,9 @@ quiet() { grep -v "TCG doesn't support requested feature" >&2 || true; }   # qem
 # The kernel pool does not spin between calls under emulation (KT_SPIN_US=0): spinning guest threads
 # only slow the emulator.
 export KT_SPIN_US=0
+# Nor does it time native against torch attention (mla.native_prefill_everywhere): emulated timings
+# mean nothing, and the probe's matmuls take minutes there; the tests set each choice themselves.
+export KT_NATIVE_PREFILL_ATTENTION=1
 emulated() {
     local rc=0
     "$@" || rc=$?

@@ -135,10 +135,18 @@ def test_unset_the_choice_is_timed_once(monkeypatch):
     monkeypatch.setattr(mla, "_native_prefill_everywhere", None)
     monkeypatch.delenv("KT_NATIVE_PREFILL_ATTENTION", raising=False)
     timed = []
-    real = mla._kernel_pool_attends_faster
-    monkeypatch.setattr(mla, "_kernel_pool_attends_faster", lambda: timed.append(1) or real())
-    first = mla.native_prefill_everywhere()
-    assert isinstance(first, bool) and mla.native_prefill_everywhere() is first and timed == [1]
+    monkeypatch.setattr(mla, "_kernel_pool_attends_faster", lambda: timed.append(1) or True)
+    assert mla.native_prefill_everywhere() is True and mla.native_prefill_everywhere() is True and timed == [1]
+
+
+def test_the_timing_compares_both_forms(monkeypatch):
+    """The probe times the kernel pool against torch's matmuls (tiny sizes here: emulated CPUs run it too)."""
+    calls = []
+    real_native, real_torch = kernels.mla_prefill_attention, mla.masked_attention
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a: calls.append("native") or real_native(*a))
+    monkeypatch.setattr(mla, "masked_attention", lambda *a: calls.append("torch") or real_torch(*a))
+    assert isinstance(mla._kernel_pool_attends_faster(heads=2, tokens=4, context=12), bool)
+    assert calls.count("native") == calls.count("torch") == 4  # a warm-up and three timed calls each
 
 
 def test_native_projection_equals_the_torch_steps(models):
