@@ -93,7 +93,10 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
     std::vector<int64_t> tokens(T);  // the shared expert's rows: every token
     for (int64_t t = 0; t < T; ++t) tokens[t] = t;
 
-    const int64_t ahead = T <= 2 ? prefetch_rows() : 0;  // decode: each weight row is used once
+    // decode: each weight row is used once; rows ahead unless the type's kernel prefetches in the row
+    auto rows_ahead = [T](const QuantMatrix& m) {
+        return T <= 2 && !prefetches_in_row(m.ggml_type, m.row_bytes) ? prefetch_rows() : int64_t(0);
+    };
     auto quantized = [](const QuantMatrix& m) { return !is_float_type(m.ggml_type); };
 
     // 1. gate/up for every pair, in slot order p, and for every token through the shared expert.
@@ -109,11 +112,10 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
                        int64_t row0, int64_t i0, int64_t i1, const int64_t* rows, int64_t count, auto slot,
                        float* dest, int64_t width) {
         std::vector<float> gv(count), uv(count);
+        const int64_t ahead_g = rows_ahead(g), ahead_u = rows_ahead(u);
         for (int64_t i = i0; i < i1; ++i) {
-            if (ahead && i + ahead < i1) {
-                prefetch(g.row(row0 + i + ahead), g.row_bytes);
-                prefetch(u.row(row0 + i + ahead), u.row_bytes);
-            }
+            if (ahead_g && i + ahead_g < i1) prefetch(g.row(row0 + i + ahead_g), g.row_bytes);
+            if (ahead_u && i + ahead_u < i1) prefetch(u.row(row0 + i + ahead_u), u.row_bytes);
             gd.dots(g.row(row0 + i), rows, count, gv.data());
             ud.dots(u.row(row0 + i), rows, count, uv.data());
             for (int64_t s = 0; s < count; ++s) dest[slot(s) * width + i] = gv[s] / (1.0f + std::exp(-gv[s])) * uv[s];
@@ -149,6 +151,7 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         const int64_t r0 = item * ch, r1 = std::min(H, r0 + ch);
         for (int64_t t = 0; t < T; ++t) std::fill(out + t * H + r0, out + t * H + r1, 0.0f);
         std::vector<float> y(size_t(T * k + T));
+        const int64_t ahead = rows_ahead(down), ahead_s = shared ? rows_ahead(shared->down) : 0;
         for (int64_t e : active) {
             const int64_t first = start[e], count = start[e + 1] - first;
             for (int64_t r = r0; r < r1; ++r) {
@@ -162,7 +165,7 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         }
         if (!shared) return;
         for (int64_t r = r0; r < r1; ++r) {
-            if (ahead && r + ahead < r1) prefetch(shared->down.row(r + ahead), shared->down.row_bytes);
+            if (ahead_s && r + ahead_s < r1) prefetch(shared->down.row(r + ahead_s), shared->down.row_bytes);
             hs_x->dots(shared->down.row(r), tokens.data(), T, y.data());
             for (int64_t t = 0; t < T; ++t) out[t * H + r] += y[t];
         }

@@ -11,9 +11,13 @@ namespace kt {
 
 // Rows to prefetch ahead in decode; KT_PREFETCH_ROWS=N overrides (prefetch.cpp).
 int64_t prefetch_rows();
-// The same for rows of `row_bytes`: at least ~2 KB ahead when rows are prefetched at all, since one
-// row ahead of a short row (MLA's W_UK: 136 bytes) is too close to hide the memory's latency.
-int64_t prefetch_rows(int64_t row_bytes);
+// The same for rows of `row_bytes` of a `ggml_type`: none where that type's dot kernel prefetches
+// inside the row itself, else at least ~2 KB ahead when rows are prefetched at all, since one row
+// ahead of a short row (MLA's W_UK: 136 bytes) is too close to hide the memory's latency.
+int64_t prefetch_rows(int ggml_type, int64_t row_bytes);
+// Whether the dot kernel of `ggml_type` prefetches inside rows of `row_bytes` itself (then callers
+// prefetch no rows: both at once cost bandwidth on Sapphire Rapids).
+bool prefetches_in_row(int ggml_type, int64_t row_bytes);
 
 inline void prefetch(const uint8_t* p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);

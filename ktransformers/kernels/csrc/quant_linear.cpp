@@ -44,7 +44,7 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const int64_t tiles = (M + kTokenTile - 1) / kTokenTile;
     const int64_t most = rows_per_item(N * heads, tiles, w.row_bytes), chunks = (N + most - 1) / most;
     const int64_t chunk = (N + chunks - 1) / chunks;  // equal chunks of a head's rows
-    const int64_t ahead = M <= 2 ? prefetch_rows(w.row_bytes) : 0;
+    const int64_t ahead = M <= 2 ? prefetch_rows(w.ggml_type, w.row_bytes) : 0;
     // Items are (head, row chunk, token tile). Within one, each group of `group` tokens runs over all
     // the chunk's rows: group_body(xrow, nx, each_rows) takes the group's activation rows xrow.. once,
     // then each_rows(step, f) calls f(row, o, count) for the chunk's rows, `step` at a time (prefetching
@@ -140,7 +140,7 @@ void linear_group(const float* x, const QuantMatrix* ws, float* const* outs, int
     pool().run(int64_t(items.size()), [&](int64_t index) {
         const Item& item = items[index];
         const QuantMatrix& w = ws[item.matrix];
-        const int64_t ahead = prefetch_rows(w.row_bytes);
+        const int64_t ahead = prefetch_rows(w.ggml_type, w.row_bytes);
         float* out = outs[item.matrix];
         // each dot as quant_linear's decode form takes it: the same bits
         const FloatRowDot float_dot = is_float_type(w.ggml_type) ? k->float_dot[w.ggml_type] : nullptr;
