@@ -30,7 +30,7 @@ int64_t prefetch_rows() {
 bool prefetches_in_row(int ggml_type, int64_t row_bytes) {
     if (!weight_prefetch_bytes()) return false;
     switch (ggml_type) {
-        case 12: case 13: case 14: return true;   // Q4_K, Q5_K, Q6_K
+        case 10: case 11: case 12: case 13: case 14: return true;   // Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
         case 8: return row_bytes >= 8 * 34;       // Q8_0
         default: return false;
     }
