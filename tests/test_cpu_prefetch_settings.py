@@ -31,7 +31,9 @@ for t in (G.Q8_0, G.Q4_K, G.Q6_K, G.Q2_K, G.Q3_K, G.IQ1_S, G.IQ2_XXS):
         continue
     x = torch.from_numpy(rng.standard_normal((1, 2048)).astype(np.float32))
     linears = [CpuQuantLinear(tensor(f"w{i}", t, (40 + 8 * i, 2048)), None) for i in range(2)]
-    outs = [linears[0](x), *LinearGroup.of(*linears)(x)]  # one matrix, then two in one call
+    x2 = torch.from_numpy(rng.standard_normal((2, 2048)).astype(np.float32))
+    # one row, two rows (two sequences' decode: the multi-row forms), two matrices in one call
+    outs = [linears[0](x), linears[0](x2), *LinearGroup.of(*linears)(x)]
     if t == G.Q8_0:  # rows shorter than the kernel's prefetch step (MLA's W_UK)
         outs.append(CpuQuantLinear(tensor("w_uk", t, (64, 128)), None)(x[:, :128]))
     experts = CpuQuantExperts(tensor("g", t, (4, 256, 512)), tensor("u", t, (4, 256, 512)), tensor("d", t, (4, 512, 256)))
