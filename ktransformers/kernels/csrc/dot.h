@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "prefetch.h"  // kernels prefetch their rows with kt::prefetch, weight_prefetch_bytes() ahead
+
 namespace kt {
 
 // One activation row quantized to int8 in blocks of 32: x[i] ~= d[i/32] * q[i]; sum[b] = sum of
@@ -51,8 +53,5 @@ using FloatRowDot = float (*)(const uint8_t* w, const float* x, int64_t n);
 
 constexpr int kMaxGGMLType = 40;
 
-// How far ahead of the block being decoded the k-quant and Q8_0 kernels prefetch their weight row,
-// in bytes (0: not at all); fixed at the first call (prefetch.cpp).
-int64_t weight_prefetch_bytes();
 
 }  // namespace kt

@@ -3,8 +3,6 @@
 #include <algorithm>
 #include <cstdlib>
 
-#include "dot.h"
-
 namespace kt {
 namespace {
 
