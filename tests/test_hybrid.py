@@ -273,6 +273,27 @@ def test_cuda_graph_decoder_matches_eager_and_the_model(tiny_model):
 
 
 @needs_cuda
+def test_graphs_of_each_context_window_match_the_model_across_window_edges(tiny_model):
+    """Each window of cache rows (512, 1024, ..., max_context) has its own graphs; steps on both sides
+    of an edge give the model's eager one-token forwards (which read only the live rows)."""
+    path = tiny_model(quant_mix="q4_k_m")
+    model = load_model(path, device="cuda", optimize_config_path=default_rules_path(True), max_context=1100).model
+    enable_overlap(model)
+    graphed = StaticDecoder(model, use_cuda_graph=True)
+    generator = torch.Generator().manual_seed(0)
+    for length in (510, 1022):  # steps at positions 509..513 and 1021..1025
+        prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=generator)
+        extra = [8, 77, 21, 4]
+        got = decode_through(graphed, model, prompt, extra)
+        decoder, model.step_decoder = model.step_decoder, None
+        stepped = stepped_logits(model, prompt, extra)
+        model.step_decoder = decoder
+        torch.testing.assert_close(got, stepped, rtol=5e-2, atol=5e-2)
+        assert (got.argmax(-1) == stepped.argmax(-1)).float().mean() >= 0.75
+    assert set(graphed.plans) == {(1, 512), (1, 1024), (1, 1100)}
+
+
+@needs_cuda
 def test_loader_without_cuda_graphs_steps_the_same_segments_eagerly(tiny_model):
     path = tiny_model(quant_mix="q4_k_m")
     model = load_model(path, device="cuda", optimize_config_path=default_rules_path(True), max_context=64,

@@ -9,7 +9,7 @@ from ktransformers import kernels
 from ktransformers.models.absorbed_kv_b import NativeAbsorbedKVB
 from ktransformers.models.loader import load_model
 from ktransformers.optimize.optimize import default_rules_path
-from ktransformers.util.cuda_graph import capture_graph
+from ktransformers.util.cuda_graph import MIN_WINDOW, capture_graph, context_window
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"native kernels: {kernels.unavailable_reason()}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -74,6 +74,37 @@ def test_cpu_decode_static_is_forward_over_the_live_rows_only(tiny_model):
         got = attn.decode_static(xs[6:7], torch.tensor([6]))
     assert torch.equal(got, expected)
     assert torch.isnan(attn.kv_cache[7:]).all() and not torch.isnan(attn.kv_cache[:7]).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_window_scores_only_its_rows(tiny_model, device):
+    """decode_static's masked form (what the CUDA graphs run; the CPU runs it here only) over a window
+    of the first 8 cache rows: rows past the window are never read, even when they hold NaN, and the
+    result is the eager forward's (two slots, one query each)."""
+    attn, xs = attention(tiny_model, device)
+    with torch.inference_mode():
+        attn(xs[:6], 0)
+        prefilled = attn.kv_cache.clone()
+        expected = attn(xs[6:7], 6)
+        attn.kv_cache.copy_(prefilled)
+        attn.kv_cache[8:] = float("nan")
+        position, slots = torch.tensor([6], device=attn.device), torch.tensor([0], device=attn.device)
+        got = attn.decode_masked(xs[6:7], position, slots, window=8)
+        with pytest.raises(ValueError, match="window"):
+            attn.decode_masked(xs[6:7], position, slots, window=MAX_CONTEXT + 1)
+    assert not torch.isnan(got).any()
+    assert relative_error(got, expected) < tolerance(attn)
+    assert torch.isnan(attn.kv_cache[8:]).all() and not torch.isnan(attn.kv_cache[:8]).any()
+
+
+def test_context_window_covers_the_position_within_a_power_of_two():
+    assert [context_window(p, 4224) for p in (0, 511, 512, 1023, 1024, 4095, 4096, 4223)] == \
+        [512, 512, 1024, 1024, 2048, 4096, 4224, 4224]
+    assert context_window(99, 300) == 300 and context_window(299, 300) == 300
+    for max_context in (32, 300, 4224, 32768):
+        for p in range(0, max_context, max(1, max_context // 97)):
+            window = context_window(p, max_context)
+            assert p < window <= max_context and (window == max_context or window <= max(MIN_WINDOW, 2 * p + 1))
 
 
 @needs_cuda

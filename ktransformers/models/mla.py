@@ -271,12 +271,16 @@ class MLAttention(nn.Module):
             outputs.append(self._attend(query[:, b], keys, keys[:, :self.kv_lora_rank], position, 1))
         return self._output(torch.stack(outputs, dim=1).reshape(self.n_heads * n, -1), n)
 
-    def decode_static(self, x: torch.Tensor, position: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_static(self, x: torch.Tensor, position: torch.Tensor, slots: torch.Tensor | None = None,
+                      window: int | None = None) -> torch.Tensor:
         """Row b of x [B, hidden] at position[b] of cache slot slots[b] (int64 [B] tensors on self.device;
         slots None: slot 0) -> [B, hidden]; writes those cache rows.
 
         Nothing depends on the values on the host, so a CUDA graph can capture it: the rows are written
-        with index_put_, and each query scores every row of its slot, the ones past its position masked.
+        with index_put_, and each query scores the first `window` rows of its slot (default: all
+        max_context), the ones past its position masked; every position must be below `window`.
+        StaticDecoder captures one graph per window size, so a step reads the cache rows its context
+        needs rather than the whole window (at 32K tokens ~38 MB a layer).
         On the CPU, where reading the positions costs nothing, this is `forward_rows`: only the live rows
         are scored (scoring all 4224 rows of the benchmark's window cost ~3 ms a layer on 16 cores).
         """
@@ -284,13 +288,22 @@ class MLAttention(nn.Module):
             slots = torch.zeros_like(position)
         if self.device.type == "cpu":
             return self.forward_rows(x, position.tolist(), slots.tolist())
+        return self.decode_masked(x, position, slots, window)
+
+    def decode_masked(self, x: torch.Tensor, position: torch.Tensor, slots: torch.Tensor,
+                      window: int | None = None) -> torch.Tensor:
+        """decode_static's capturable form on any device (the CPU runs it only in tests)."""
+        max_context = self.kv_slots.shape[1]
+        window = max_context if window is None else window
+        if not 0 < window <= max_context:
+            raise ValueError(f"window {window} outside 1..{max_context}")
         n = x.shape[0]
         query, rows = self._project(x, self.rope.table(self.device).index_select(0, position))
         self.kv_slots.index_put_((slots, position), rows)
-        # each row's own slot: a gathered copy (B x max_context rows, small next to a step's expert work)
-        keys = self.kv_slots.index_select(0, slots)
+        # each row's own slot: a gathered copy of its window (B x window rows)
+        keys = self.kv_slots[:, :window].index_select(0, slots)
         scores = torch.bmm(query.view(self.n_heads, n, -1).transpose(0, 1), keys.transpose(1, 2)).float() * self.scale
-        scores.masked_fill_(self.key_index[None, None, :] > position[:, None, None], float("-inf"))
+        scores.masked_fill_(self.key_index[None, None, :window] > position[:, None, None], float("-inf"))
         out = torch.bmm(scores.softmax(dim=-1).to(self.dtype), keys[..., :self.kv_lora_rank])  # [B, H, kv_lora]
         return self._output(out.transpose(0, 1).reshape(self.n_heads * n, -1), n)
 

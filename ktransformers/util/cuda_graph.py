@@ -4,7 +4,9 @@ A decode step of the hybrid model is, per MoE layer: GPU work (attention, norms,
 routed experts -> GPU again. The GPU work is dozens of small kernels whose launch overhead
 rivals their run time, so each layer's GPU segments are captured once as CUDA graphs over
 static buffers and replayed every step; the position is a device tensor (static-shape attention,
-MLAttention.decode_static), so one capture serves every step.
+MLAttention.decode_static), so one capture serves every step whose positions fit its window of cache
+rows. Windows are powers of two from MIN_WINDOW tokens up to max_context (`context_window`): a step
+scores the rows its context needs within 2x, not the whole cache (at 32K tokens ~38 MB a layer).
 
 Per MoE layer:
     A  hidden += attn(norm(hidden)); x = norm2(hidden); router(x); x, ids, weights -> pinned host
@@ -17,8 +19,8 @@ Dense layers are one segment, the final norm + lm_head another.
 `use_cuda_graph`; otherwise the same segments run eagerly (CPU-only machines, tests). Everything a
 step runs besides the routed experts and the embedding must sit on one device (`step_devices`).
 `step_batch(token_ids, positions, slots) -> float32 logits [B, vocab]` on the model's device: one token
-of each of B sequences, each in its own cache slot (the model's n_slots bound B; each B gets its own
-graphs, captured on first use); `step(token_id, position)` is the one-row step on slot 0. The cache
+of each of B sequences, each in its own cache slot (the model's n_slots bound B; each B and window
+gets its own graphs, captured on first use); `step(token_id, position)` is the one-row step on slot 0. The cache
 is shared with `model.forward`, so prefill with the model, then decode with `step_batch`.
 """
 
@@ -30,6 +32,17 @@ import torch
 
 from ktransformers.gguf.dequant import dequantize_rows
 from ktransformers.models.layers import MoE, run
+
+MIN_WINDOW = 512  # cache rows the smallest graphs score (smaller windows would save little and add captures)
+
+
+def context_window(last_position: int, max_context: int) -> int:
+    """Cache rows a step whose largest position is last_position scores: the smallest power of two
+    above it (at least MIN_WINDOW), at most max_context."""
+    window = MIN_WINDOW
+    while window <= last_position:
+        window *= 2
+    return min(window, max_context)
 
 
 def capture_graph(fn, pool=None):
@@ -89,7 +102,7 @@ class StaticDecoder:
         self.token = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.embed_table = self._device_embedding() if self.use_graphs else None
         self.pool = None
-        self.plans = {}  # batch size -> (per-layer plan, head), captured on first use when graphs are on
+        self.plans = {}  # (batch size, window) -> (per-layer plan, head), captured on first use when graphs are on
 
     @property
     def graphs_captured(self) -> bool:
@@ -106,32 +119,34 @@ class StaticDecoder:
         return dequantize_rows(table.raw().to(self.device), table.ggml_type, rows, cols, dtype=self.dtype)
 
     # -- segments of an n-row step: closures over views of the static buffers ------------------------
-    def _segments(self, n: int):
-        """(plan, head) for steps of n rows: per layer ("dense", seg) or ("moe", seg_a, seg_b, seg_c, experts)."""
+    def _segments(self, n: int, window: int):
+        """(plan, head) for steps of n rows whose positions are below `window`: per layer ("dense", seg)
+        or ("moe", seg_a, seg_b, seg_c, experts)."""
         plan = []
         for layer in self.model.model.layers:
             if isinstance(layer.mlp, MoE):
-                plan.append(("moe", self._attn_and_router(layer, n), self._shared(layer, n),
+                plan.append(("moe", self._attn_and_router(layer, n, window), self._shared(layer, n),
                              self._combine(layer, n), layer.mlp.experts))
             else:
-                plan.append(("dense", self._dense(layer, n)))
+                plan.append(("dense", self._dense(layer, n, window)))
         return plan, self._head(n)
 
-    def _attention(self, layer, n):
+    def _attention(self, layer, n, window):
         h = self.hidden[:n]
-        attn_out = layer.self_attn.decode_static(run(layer.input_layernorm, h), self.position[:n], self.slots[:n])
+        attn_out = layer.self_attn.decode_static(run(layer.input_layernorm, h), self.position[:n], self.slots[:n],
+                                                 window)
         h.copy_(h + attn_out.to(self.device, self.dtype))
 
-    def _dense(self, layer, n):
+    def _dense(self, layer, n, window):
         def segment():
-            self._attention(layer, n)
+            self._attention(layer, n, window)
             h = self.hidden[:n]
             h.copy_(h + layer.mlp(run(layer.post_attention_layernorm, h)).to(self.device, self.dtype))
         return segment
 
-    def _attn_and_router(self, layer, n):
+    def _attn_and_router(self, layer, n, window):
         def segment():
-            self._attention(layer, n)
+            self._attention(layer, n, window)
             x = run(layer.post_attention_layernorm, self.hidden[:n])
             self.x_moe[:n].copy_(x)
             ids, weights = run(layer.mlp.gate, x)
@@ -167,14 +182,14 @@ class StaticDecoder:
         return segment
 
     # -- capture -----------------------------------------------------------------------------
-    def _capture(self, n: int):
+    def _capture(self, n: int, window: int):
         """Warm an n-row step's segments up on a side stream (as torch asks), then capture each in the
-        pool all batch sizes share (their steps never overlap)."""
+        pool all batch sizes and windows share (their steps never overlap)."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        plan, head = self._segments(n)
-        # the warm-up writes the last row of the first n slots: save those rows and put them back afterwards
-        last = self.model.max_context - 1
+        plan, head = self._segments(n, window)
+        # the warm-up writes the window's last row of the first n slots: save those rows and put them back afterwards
+        last = window - 1
         caches = [layer.self_attn.kv_slots for layer in self.model.model.layers]
         saved = [cache[:n, last].clone() for cache in caches]
         self.position[:n].fill_(last)
@@ -218,10 +233,11 @@ class StaticDecoder:
     def _routed(self, experts, n):
         self.routed_host[:n].copy_(experts(self.x_host[:n], self.ids_host[:n], self.w_host[:n]))
 
-    def _plan(self, n: int):
-        if n not in self.plans:
-            self.plans[n] = self._capture(n) if self.use_graphs else self._segments(n)
-        return self.plans[n]
+    def _plan(self, n: int, window: int):
+        key = (n, window)
+        if key not in self.plans:
+            self.plans[key] = self._capture(n, window) if self.use_graphs else self._segments(n, window)
+        return self.plans[key]
 
     # -- one step ----------------------------------------------------------------------------
     def step(self, token_id: int, position: int, profile: dict | None = None) -> torch.Tensor:
@@ -232,7 +248,8 @@ class StaticDecoder:
     def step_batch(self, token_ids: list[int], positions: list[int], slots: list[int],
                    profile: dict | None = None) -> torch.Tensor:
         """Logits [B, vocab] (float32, on the model's device): token_ids[b] at positions[b] of cache slot
-        slots[b]; writes those cache rows. Each batch size has its own CUDA graphs, captured on first use.
+        slots[b]; writes those cache rows. Each batch size and window (`context_window` of the largest
+        position) has its own CUDA graphs, captured on first use.
 
         profile: when given, adds per-part seconds ("embed", "dense", "moe_gpu", "experts",
         "combine", "head") measured with a sync after each part (slower; for breakdowns only).
@@ -247,7 +264,7 @@ class StaticDecoder:
         for token_id in token_ids:
             if not 0 <= token_id < vocab:
                 raise ValueError(f"token id {token_id} out of range 0..{vocab - 1}")
-        plan, head = self._plan(n)
+        plan, head = self._plan(n, context_window(max(positions), self.model.max_context))
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         clock = _Clock(profile, sync)
 
