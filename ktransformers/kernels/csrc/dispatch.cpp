@@ -40,11 +40,10 @@ bool gathers_are_faster(const KernelSet& plain, const KernelSet& gather) {
         rows[i] = uint8_t(state >> 24);
     }
     for (int64_t off = 0; off < int64_t(rows.size()); off += 50) rows[off] = rows[off + 1] = 0;  // fp16 scale 0: no NaN/denormal timing
-    Q8Rows x(1, n);  // quantized by the table itself: Q8Rows::quantize would ask for the active table
-    const Q8Row xr = x.row(0);
+    Q8Rows x(1, n, true);  // with qt, which gather forms read
     std::vector<float> ones(n, 1.0f);
-    plain.quantize_row_q8(ones.data(), n, const_cast<int8_t*>(xr.q), const_cast<float*>(xr.d), const_cast<int32_t*>(xr.sum),
-                          const_cast<int16_t*>(xr.sum16));
+    x.quantize(0, ones.data(), plain);  // by the table itself: no table is active yet
+    const Q8Row xr = x.row(0);
     // Best of 9 passes each, the two forms alternating: a stall of the core (a VM's vCPU descheduled
     // for a few ms) then hits both, where timing one form's passes and then the other's once let it
     // hit only one, and two processes on a 2-core Zen 4 VM picked different tables (gathers 1.6x

@@ -27,7 +27,8 @@ namespace kt {
 // qt: the same int8 values with each whole 256-value block's 64 dwords transposed as an 8x8 matrix
 // (dword c of 32-block k at dword 8c + k), so that 32 bytes hold one dword of each 32-block: an
 // integer dot of 8 such vectors against weights transposed alike sums 32-block k in lane k, one
-// float scaling per 256 values instead of per 32 (the prefill forms of the k-quant kernels).
+// float scaling per 256 values instead of per 32 (the prefill forms of the k-quant kernels, and the
+// IQ1_S gather form in decode too: KernelSet::dot_reads_qt).
 // A tail of fewer than 256 values stays in plain order.
 struct Q8Row { const int8_t* q; const float* d; const int32_t* sum; const int16_t* sum16; const int8_t* qt; };
 

@@ -8,6 +8,8 @@ struct KernelSet {
     const char* isa = nullptr;
     RowDot dot[kMaxGGMLType] = {};            // quantized weights x Q8Row activations
     RowDotMulti dot_multi[kMaxGGMLType] = {};  // optional multi-row forms of dot (prefill)
+    // the type's dot reads Q8Row::qt: its activation rows must be quantized `transposed`, decode too
+    bool dot_reads_qt[kMaxGGMLType] = {};
     // activation rows a dot_multi form shares one weight decode between (4 or kMultiRows; set for
     // every type): prefill groups tokens by it, so a group's activations stay in L1
     int multi_width[kMaxGGMLType] = {};

@@ -22,16 +22,16 @@ namespace kt {
 namespace {
 
 // Activation rows in the forms weights take: the float rows themselves for F32/F16/BF16 weights,
-// and int8 Q8Rows (one quantization shared by every quantized type) for the others. Several rows
-// can meet one expert (multi-row forms, which read Q8Row::qt) only when there are several tokens.
+// and int8 Q8Rows (one quantization shared by every quantized type) for the others. Q8Row::qt is
+// filled where a multi-row form may read it (several tokens) or the type's one-row form does.
 struct ActivationRows {
     const float* x;
     int64_t n;
     Q8Rows q;
 
-    ActivationRows(const float* rows_x, int64_t rows, int64_t cols, bool quantized, bool several_tokens)
+    ActivationRows(const float* rows_x, int64_t rows, int64_t cols, bool quantized, bool with_qt)
         : x(rows_x), n(cols) {
-        if (quantized) q = quantize_rows(rows_x, rows, cols, several_tokens);
+        if (quantized) q = quantize_rows(rows_x, rows, cols, with_qt);
     }
 };
 
@@ -98,10 +98,12 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
         return T <= 2 && !prefetches_in_row(m.ggml_type, m.row_bytes) ? prefetch_rows() : int64_t(0);
     };
     auto quantized = [](const QuantMatrix& m) { return !is_float_type(m.ggml_type); };
+    auto reads_qt = [ks](const QuantMatrix& m) { return ks->dot_reads_qt[m.ggml_type]; };
 
     // 1. gate/up for every pair, in slot order p, and for every token through the shared expert.
     const ActivationRows xs(x, T, H, quantized(gate) || quantized(up) ||
-                                         (shared && (quantized(shared->gate) || quantized(shared->up))), T > 1);
+                                         (shared && (quantized(shared->gate) || quantized(shared->up))),
+                            T > 1 || reads_qt(gate) || reads_qt(up) || (shared && (reads_qt(shared->gate) || reads_qt(shared->up))));
     const MatrixDot gate_x(ks, gate.ggml_type, xs), up_x(ks, up.ggml_type, xs);
     std::vector<int64_t> pair_token(pairs.size());
     for (size_t s = 0; s < pairs.size(); ++s) pair_token[s] = pairs[s] / k;
@@ -139,11 +141,13 @@ void moe_forward(const float* x, int64_t T, int64_t H, const int64_t* ids, const
     });
 
     // 2. the intermediates, quantized once per pair (and token) for the down projections.
-    const ActivationRows h_rows(h.data(), T * k, I, quantized(down), T > 1);
+    const ActivationRows h_rows(h.data(), T * k, I, quantized(down), T > 1 || reads_qt(down));
     const MatrixDot h_x(ks, down.ggml_type, h_rows);
     std::optional<ActivationRows> hs_rows;
     std::optional<MatrixDot> hs_x;
-    if (shared) hs_rows.emplace(hs.data(), T, IS, quantized(shared->down), T > 1), hs_x.emplace(ks, shared->down.ggml_type, *hs_rows);
+    if (shared)
+        hs_rows.emplace(hs.data(), T, IS, quantized(shared->down), T > 1 || reads_qt(shared->down)),
+            hs_x.emplace(ks, shared->down.ggml_type, *hs_rows);
 
     // 3. down projections, each item owning a slice of output rows for all tokens.
     const int64_t ch = chunk_rows(H, 1), n_ch = (H + ch - 1) / ch;

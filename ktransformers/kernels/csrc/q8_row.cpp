@@ -11,10 +11,12 @@ Q8Rows::Q8Rows(int64_t rows, int64_t n, bool transposed)
     : n_(n), transposed_(transposed), q_(size_t(rows * row_stride())), qt_(transposed ? size_t(rows * row_stride()) : 0), d_(size_t(rows * blocks_stride())), sum_(size_t(rows * blocks_stride())),
       sum16_(size_t(rows * 2 * blocks_stride())) {}
 
-void Q8Rows::quantize(int64_t r, const float* x) {
+void Q8Rows::quantize(int64_t r, const float* x) { quantize(r, x, *active_kernels()); }
+
+void Q8Rows::quantize(int64_t r, const float* x, const KernelSet& kernels) {
     const Q8Row out = row(r);
-    active_kernels()->quantize_row_q8(x, n_, const_cast<int8_t*>(out.q), const_cast<float*>(out.d),
-                                      const_cast<int32_t*>(out.sum), const_cast<int16_t*>(out.sum16));
+    kernels.quantize_row_q8(x, n_, const_cast<int8_t*>(out.q), const_cast<float*>(out.d),
+                            const_cast<int32_t*>(out.sum), const_cast<int16_t*>(out.sum16));
     if (!transposed_) return;
     // qt: per 256 values, dword c of 32-block k -> dword 8c + k (see Q8Row); the tail as it is
     int8_t* qt = const_cast<int8_t*>(out.qt);

@@ -9,6 +9,8 @@
 
 namespace kt {
 
+struct KernelSet;
+
 template <typename T>
 class AlignedArray {
 public:
@@ -26,8 +28,9 @@ private:
 };
 
 // `rows` activation rows of `n` elements (n % 32 == 0), each quantized as a Q8Row. Only rows made
-// `transposed` carry Q8Row::qt (the multi-row prefill forms read it); the others' qt is null, so
-// decode pays neither its copy nor its memory.
+// `transposed` carry Q8Row::qt (the multi-row prefill forms read it, and the one-row forms of the
+// types in KernelSet::dot_reads_qt); the others' qt is null, so decode pays neither its copy nor
+// its memory.
 class Q8Rows {
 public:
     Q8Rows() = default;
@@ -38,6 +41,8 @@ public:
     }
     // Quantizes row r from x[0..n): d = max|x| / 127, q = round(x / d), so |q| <= 127; and fills qt.
     void quantize(int64_t r, const float* x);
+    // The same with a given table's quantizer (dispatch.cpp's timing, before a table is active).
+    void quantize(int64_t r, const float* x, const KernelSet& kernels);
     int64_t n() const { return n_; }
 
 private:

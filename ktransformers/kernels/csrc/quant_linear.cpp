@@ -84,7 +84,7 @@ void head_linear(const float* x, int64_t M, const QuantMatrix& w, int64_t heads,
     const ShortRowsDot short_rows = K < kShortRowLimit ? k->short_rows[w.ggml_type] : nullptr;
     const RowDot dot = k->dot[w.ggml_type];
     const RowDotMulti multi = k->dot_multi[w.ggml_type];
-    const Q8Rows xq = quantize_rows(x, heads * M, K, !short_rows && multi && M > 1);
+    const Q8Rows xq = quantize_rows(x, heads * M, K, !short_rows && ((multi && M > 1) || k->dot_reads_qt[w.ggml_type]));
     if (short_rows) {  // decode and prefill alike: 8 weight rows by up to kMultiRows tokens a call
         for_each_group(kMultiRows, [&](int64_t xrow, int nx, auto&& each_rows) {
             Q8Row xs[kMultiRows] = {};
@@ -127,15 +127,16 @@ void quant_linear(const float* x, int64_t M, const QuantMatrix& w, float* out) {
 void linear_group(const float* x, const QuantMatrix* ws, float* const* outs, int count) {
     const KernelSet* k = active_kernels();
     const int64_t K = ws[0].cols;
-    bool quantized = false;
+    bool quantized = false, with_qt = false;
     struct Item { int matrix; int64_t r0, r1; };
     std::vector<Item> items;
     for (int i = 0; i < count; ++i) {
         quantized = quantized || !is_float_type(ws[i].ggml_type);
+        with_qt = with_qt || k->dot_reads_qt[ws[i].ggml_type];
         const int64_t step = rows_per_item(ws[i].rows, 1, ws[i].row_bytes);
         for (int64_t r = 0; r < ws[i].rows; r += step) items.push_back({i, r, std::min(ws[i].rows, r + step)});
     }
-    const Q8Rows xq = quantized ? quantize_rows(x, 1, K) : Q8Rows();
+    const Q8Rows xq = quantized ? quantize_rows(x, 1, K, with_qt) : Q8Rows();
     const Q8Row xr = quantized ? xq.row(0) : Q8Row{};
     pool().run(int64_t(items.size()), [&](int64_t index) {
         const Item& item = items[index];
