@@ -15,16 +15,40 @@ read-only: they are shared by every test of the session.
 
 `isa`: runs a test once per native kernel table this CPU can run (avx512vnni+gather, avx512vnni,
 avx2), with that table selected; none when the extension is not built.
+
+`module_disassembly`: the built extension's functions as {demangled name: [(address, instruction)]}
+(objdump -d -C); skips without the extension or binutils.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import pytest
 
 from ktransformers import kernels
 from ktransformers.tools.make_tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def module_disassembly() -> dict[str, list[tuple[int, str]]]:
+    if kernels._cpu is None:
+        pytest.skip("the native extension is not built")
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kernels._cpu.__file__],
+                          capture_output=True, text=True, check=True).stdout
+    function, instruction = re.compile(r"^[0-9a-f]+ <(.*)>:$"), re.compile(r"^\s*([0-9a-f]+):\t(.*)$")
+    functions, current = {}, None
+    for line in text.splitlines():
+        if m := function.match(line):
+            current = functions.setdefault(m.group(1), [])
+        elif current is not None and (m := instruction.match(line)):
+            current.append((int(m.group(1), 16), " ".join(m.group(2).split())))
+    return functions
 
 
 @pytest.fixture(params=kernels.cpu_features().get("available_isas", []))

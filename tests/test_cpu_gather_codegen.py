@@ -12,15 +12,10 @@ lb_gather8/lb_gather16 in dot_lowbit.inc prevent it; this reads the built module
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
 
-from ktransformers import kernels
 
-FUNCTION = re.compile(r"^([0-9a-f]+) <(.*)>:$")
-INSTRUCTION = re.compile(r"^\s*([0-9a-f]+):\t(.*)$")
 JUMP = re.compile(r"^j\w+\s+([0-9a-f]+)\b")
 GATHER = re.compile(r"^vp?gather\w+\s+\S+,%(zmm\d+)\{%k\d\}$")
 # zero idioms: xor of a register with itself (any width of the same number)
@@ -28,21 +23,9 @@ ZERO_IDIOM = re.compile(r"^v(p?xor\w*)\s+%[xyz]mm(\d+),%[xyz]mm(\d+),%[xyz]mm(\d
 REGISTER_MOVE = re.compile(r"^v(movdq[au]\w*|movap[sd]|movup[sd])\s+%[xyz]mm(\d+),%[xyz]mm(\d+)$")
 
 
-def gather_functions() -> dict[str, list[tuple[int, str]]]:
-    """kt::vnni function name -> its (address, instruction) lines, for functions with a gather."""
-    if kernels._cpu is None:
-        pytest.skip("the native extension is not built")
-    if shutil.which("objdump") is None:
-        pytest.skip("objdump (binutils) is not installed")
-    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kernels._cpu.__file__],
-                          capture_output=True, text=True, check=True).stdout
-    functions, current = {}, None
-    for line in text.splitlines():
-        if m := FUNCTION.match(line):
-            current = functions.setdefault(m.group(2), [])
-        elif current is not None and (m := INSTRUCTION.match(line)):
-            current.append((int(m.group(1), 16), " ".join(m.group(2).split())))
-    return {name: lines for name, lines in functions.items()
+def gather_functions(module_disassembly) -> dict[str, list[tuple[int, str]]]:
+    """kt::vnni functions with a gather -> their (address, instruction) lines."""
+    return {name: lines for name, lines in module_disassembly.items()
             if "kt::vnni::" in name and any(GATHER.match(ins) for _, ins in lines)}
 
 
@@ -117,16 +100,16 @@ def gather_sources(lines: list[tuple[int, str]]) -> list[str]:
     return problems
 
 
-def test_every_gather_form_is_in_the_module():
-    found = gather_functions()
+def test_every_gather_form_is_in_the_module(module_disassembly):
+    found = gather_functions(module_disassembly)
     if not found:
         pytest.skip("this build has no AVX512 gather forms")
     for kind in ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"):
         assert any(f"{kind}_gather_rows" in name for name in found), kind
 
 
-def test_gathers_start_from_a_fresh_zero():
-    found = gather_functions()
+def test_gathers_start_from_a_fresh_zero(module_disassembly):
+    found = gather_functions(module_disassembly)
     if not found:
         pytest.skip("this build has no AVX512 gather forms")
     problems = {name: p for name, lines in found.items() if (p := gather_sources(lines))}

@@ -7,41 +7,21 @@ tests/emulated_cpus.sh checks the same by running on emulated CPUs.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
 
-from ktransformers import kernels
 
 ISA_CODE = re.compile(r"kt::(avx2|vnni)::")
 # VEX/EVEX-encoded instructions (AVX and later: every mnemonic starting with v, mask-register
 # moves) and the BMI1/BMI2 scalar ones, none of which a baseline x86-64 CPU has.
 BEYOND_BASELINE = re.compile(r"^(v[a-z]\w*|k(mov|or|and|not|shift|test|unpck)\w*|shlx|shrx|sarx|rorx|pdep|pext|andn|bzhi|blsi|blsr|blsmsk)(\s|$)")
-FUNCTION = re.compile(r"^[0-9a-f]+ <(.*)>:$")
 BRANCH_TARGET = re.compile(r"<([^>+]*)(\+0x[0-9a-f]+)?>")
 
 
-def disassembly() -> dict[str, list[str]]:
-    """Function name -> its instruction lines, for the built _cpu module."""
-    if kernels._cpu is None:
-        pytest.skip("the native extension is not built")
-    if shutil.which("objdump") is None:
-        pytest.skip("objdump (binutils) is not installed")
-    text = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kernels._cpu.__file__],
-                          capture_output=True, text=True, check=True).stdout
-    functions, current = {}, None
-    for line in text.splitlines():
-        if m := FUNCTION.match(line):
-            current = functions.setdefault(m.group(1), [])
-        elif current is not None and "\t" in line:
-            current.append(line.split("\t", 1)[1].strip())
-    return functions
-
-
 @pytest.fixture(scope="module")
-def functions():
-    found = disassembly()
+def functions(module_disassembly):
+    """Function name -> its instructions (conftest's module_disassembly without the addresses)."""
+    found = {name: [ins for _, ins in lines] for name, lines in module_disassembly.items()}
     assert any(ISA_CODE.search(name) for name in found), "no kt::avx2/kt::vnni symbols: is the module stripped?"
     return found
 
